@@ -1,0 +1,105 @@
+"""Typed configuration: frozen dataclasses loaded from YAML and overridden from the CLI.
+
+Every job config is a frozen dataclass. :func:`load` reads YAML into it (unknown keys are an
+error naming the valid ones), :func:`override` applies ``a.b=value`` strings, and
+:func:`to_dict` gives the resolved config that is saved next to every output (as timm writes
+``args.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Resolved config as plain, YAML/JSON-safe data."""
+    out = dataclasses.asdict(cfg)
+    return typing.cast(dict[str, Any], _plain(out))
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    return v
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
+    """Build dataclass ``cls`` from a mapping, recursing into nested dataclass fields."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls} is not a dataclass")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} for {cls.__name__}; valid: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints.get(name, Any), value)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
+        return from_dict(typing.cast(type, tp), value)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        if len(args) == 1:
+            return _coerce(args[0], value)
+        return value
+    if origin is tuple and isinstance(value, list | tuple):
+        return tuple(value)
+    if tp is float and isinstance(value, int | str):
+        return float(value)
+    if tp is int and isinstance(value, str):
+        return int(value)
+    if tp is bool and isinstance(value, str):
+        return value.lower() in ("1", "true", "yes", "on")
+    return value
+
+
+def load(cls: type[T], path: str | None = None, overrides: Iterable[str] = ()) -> T:
+    """Load ``cls`` from a YAML file (or defaults) and apply ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path:
+        from rootflow.io import storage
+
+        text = storage.read_bytes(path).decode()
+        data = yaml.safe_load(text) or {}
+    base = from_dict(cls, data)
+    return override(base, overrides)
+
+
+def override(cfg: T, overrides: Iterable[str]) -> T:
+    """Apply ``a.b=value`` overrides (values parsed as YAML scalars) to a frozen config."""
+    data = to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if p not in node or not isinstance(node[p], dict):
+                raise ValueError(f"unknown config section {p!r} in override {item!r}")
+            node = node[p]
+        if parts[-1] not in node:
+            raise ValueError(f"unknown config key {key!r}; valid: {sorted(node)}")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return from_dict(type(cfg), data)
+
+
+def dump(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Storage, manifests and image decoding: everything between a URI and a numpy array."""

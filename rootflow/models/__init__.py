@@ -1,0 +1,1 @@
+"""Models: registry, weight specs, checkpoint I/O, RootSAM, RootQuant."""
