@@ -1,9 +1,190 @@
-"""CLI commands of this area (registered by :mod:`rootflow.cli`)."""
+"""``rootflow infer``, ``rootflow reprocess`` and ``rootflow demo`` (the product's main job).
+
+``jobs/infer.py`` and ``jobs/reprocess.py`` call these same functions, so ``ray job submit ...
+-- python jobs/infer.py ARGS`` and ``rootflow infer ARGS`` run identical code.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Any
+
 import typer
+
+EXIT_REJECTS = 3  # the run finished but some manifest rows were rejected
+
+
+def storage_from_cli(items: list[str] | None) -> dict[str, Any]:
+    """``--storage-option key=value`` pairs on top of the environment (``AWS_*``)."""
+    from rootflow.io.storage import StorageOptions
+
+    base = StorageOptions.from_env().to_dict()
+    for item in items or []:
+        if "=" not in item:
+            raise typer.BadParameter(f"--storage-option {item!r} is not key=value")
+        k, v = item.split("=", 1)
+        base[k] = v.lower() in ("1", "true", "yes") if k in ("allow_http", "path_style") else v
+    return StorageOptions.from_mapping(base).to_dict()
+
+
+def init_ray(address: str | None, *, num_cpus: int | None = None, quiet: bool = True) -> None:
+    """Connect to a cluster (``auto``, ``ray://...``, inside ``ray job submit``) or start a local
+    Ray with more logical CPUs than cores (actor pools otherwise starve the read tasks)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        ray.init(address=address, log_to_driver=not quiet)
+        return
+    cpus = num_cpus or max(4, 2 * (os.cpu_count() or 2))
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=not quiet,
+             configure_logging=False)
+
+
+def build_config(*, producers: str, config_file: str | None, overrides: list[str] | None,
+                 rootsam_config: str | None, base_checkpoint: str | None,
+                 base_sha256: str | None, rootsam_checkpoint: str | None,
+                 rootquant_checkpoint: str | None, gpus: float, actors: int | None,
+                 batch_size: int | None, fuse: bool | None, since: str | None,
+                 until: str | None, force: bool) -> Any:
+    import dataclasses
+
+    from rootflow import config as cfglib
+    from rootflow.inference.pipeline import InferConfig, Resources
+
+    cfg = cfglib.load(InferConfig, config_file, overrides or [])
+    rs = dict(cfg.rootsam)
+    for key, val in (("model_config", rootsam_config), ("base_checkpoint", base_checkpoint),
+                     ("base_sha256", base_sha256), ("checkpoint", rootsam_checkpoint)):
+        if val is not None:
+            rs[key] = val
+    rq = dict(cfg.rootquant)
+    if rootquant_checkpoint is not None:
+        rq["checkpoint"] = rootquant_checkpoint
+    res = cfg.resources
+    if gpus:
+        res = Resources.gpu(int(max(1, gpus)))
+        if gpus < 1:
+            res = dataclasses.replace(res, model_num_gpus=gpus)
+    if actors:
+        res = dataclasses.replace(res, model_actors=(actors, actors))
+    if batch_size:
+        res = dataclasses.replace(res, model_batch_size=batch_size)
+    if fuse is not None:
+        res = dataclasses.replace(res, fuse_models=fuse)
+    prods = tuple(p.strip() for p in producers.split(",") if p.strip())
+    return dataclasses.replace(cfg, producers=prods, rootsam=rs, rootquant=rq, resources=res,
+                               since=since or cfg.since, until=until or cfg.until,
+                               skip_done=cfg.skip_done and not force)
+
+
+_PRODUCERS_HELP = "Comma-separated producers: mask (traits of given masks), rootsam, rootquant."
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the top-level app."""
+    @app.command("infer")
+    def infer(
+        manifest: str = typer.Argument(..., help="Manifest URI (Parquet/CSV), local or s3://."),
+        lake: str = typer.Argument(..., help="Lake root URI: Delta tables traits/runs/rejects and masks."),
+        producers: str = typer.Option("mask,rootsam,rootquant", help=_PRODUCERS_HELP),
+        config: str | None = typer.Option(None, "--config", help="InferConfig YAML."),
+        set_: list[str] = typer.Option([], "--set", help="Config override key=value (repeatable), e.g. rootsam.tile_size=512."),
+        rootsam_config: str | None = typer.Option(None, help="SAM2.1 config: tiny, hiera_t, hiera_s, hiera_b+, hiera_l."),
+        base_checkpoint: str | None = typer.Option(None, help="SAM2.1 base checkpoint URI (local or s3://)."),
+        base_sha256: str | None = typer.Option(None, help="Expected sha256 of the base checkpoint."),
+        rootsam_checkpoint: str | None = typer.Option(None, help="RootSAM (fine-tuned decoder) checkpoint URI."),
+        rootquant_checkpoint: str | None = typer.Option(None, help="RootQuant checkpoint URI."),
+        gpus: float = typer.Option(0, help="GPUs per model actor (0 = CPU)."),
+        actors: int | None = typer.Option(None, help="Model actors (pool size)."),
+        batch_size: int | None = typer.Option(None, help="Images per model call."),
+        fuse: bool | None = typer.Option(None, "--fuse/--no-fuse", help="RootSAM and RootQuant in one actor."),
+        since: str | None = typer.Option(None, help="Only images captured on/after this ISO date."),
+        until: str | None = typer.Option(None, help="Only images captured on/before this ISO date."),
+        force: bool = typer.Option(False, help="Re-process images that already have rows."),
+        storage_option: list[str] = typer.Option([], "--storage-option", help="key=value: endpoint_url, region, allow_http, path_style (credentials from AWS_* env)."),
+        address: str | None = typer.Option(None, help="Ray address (default: RAY_ADDRESS or a local Ray)."),
+        summary_json: str | None = typer.Option(None, help="Also write the run summary as JSON here."),
+        job_kind: str = typer.Option("infer", hidden=True),
+    ) -> None:
+        """Run the processing job: masks to object storage, rows to the traits/rejects/runs tables.
+
+        Exit code 0: every row ok; 3: finished but some rows were rejected (see the rejects table).
+        """
+        from rootflow.inference.pipeline import format_summary, run
+
+        cfg = build_config(producers=producers, config_file=config, overrides=set_,
+                           rootsam_config=rootsam_config, base_checkpoint=base_checkpoint,
+                           base_sha256=base_sha256, rootsam_checkpoint=rootsam_checkpoint,
+                           rootquant_checkpoint=rootquant_checkpoint, gpus=gpus, actors=actors,
+                           batch_size=batch_size, fuse=fuse, since=since, until=until, force=force)
+        so = storage_from_cli(storage_option)
+        init_ray(address)
+        summary = run(manifest, lake, cfg, storage_options=so, job_kind=job_kind)
+        typer.echo(format_summary(summary))
+        if summary_json:
+            Path(summary_json).write_text(json.dumps(summary.to_dict(), indent=2, default=str))
+        if summary.n_images_rejected:
+            raise typer.Exit(EXIT_REJECTS)
+
+    @app.command("reprocess")
+    def reprocess(
+        source: str = typer.Argument(..., help="Manifest URI, or an archive prefix to (re)list."),
+        lake: str = typer.Argument(..., help="Lake root URI."),
+        producers: str = typer.Option("mask,rootsam,rootquant", help=_PRODUCERS_HELP),
+        experiment_config: str | None = typer.Option(None, help="Experiment YAML when SOURCE is an archive prefix."),
+        config: str | None = typer.Option(None, "--config", help="InferConfig YAML."),
+        set_: list[str] = typer.Option([], "--set", help="Config override key=value (repeatable)."),
+        rootsam_config: str | None = typer.Option(None),
+        base_checkpoint: str | None = typer.Option(None),
+        base_sha256: str | None = typer.Option(None),
+        rootsam_checkpoint: str | None = typer.Option(None),
+        rootquant_checkpoint: str | None = typer.Option(None),
+        gpus: float = typer.Option(0),
+        since: str | None = typer.Option(None, help="Capture date lower bound (ISO)."),
+        until: str | None = typer.Option(None, help="Capture date upper bound (ISO)."),
+        wait_s: float = typer.Option(0.0, help="Wait this long for an overlapping run to finish."),
+        storage_option: list[str] = typer.Option([], "--storage-option"),
+        address: str | None = typer.Option(None),
+        summary_json: str | None = typer.Option(None),
+    ) -> None:
+        """Scheduled re-processing: only images lacking rows for the target model versions.
+
+        Safe to run from a scheduler every night: images done by an earlier run are skipped, a
+        run overlapping another on the same scope waits or exits without work, and rows are
+        merged, never duplicated. Exit codes as ``infer``.
+        """
+        from rootflow.inference.sources import manifest_for_source
+        from rootflow.inference.pipeline import format_summary, run
+
+        so = storage_from_cli(storage_option)
+        overrides = [*set_, f"wait_for_lease_s={wait_s}"]
+        cfg = build_config(producers=producers, config_file=config, overrides=overrides,
+                           rootsam_config=rootsam_config, base_checkpoint=base_checkpoint,
+                           base_sha256=base_sha256, rootsam_checkpoint=rootsam_checkpoint,
+                           rootquant_checkpoint=rootquant_checkpoint, gpus=gpus, actors=None,
+                           batch_size=None, fuse=None, since=since, until=until, force=False)
+        manifest_uri = manifest_for_source(source, lake, experiment_config=experiment_config,
+                                           storage_options=so)
+        init_ray(address)
+        summary = run(manifest_uri, lake, cfg, storage_options=so, job_kind="reprocess")
+        typer.echo(format_summary(summary))
+        if summary_json:
+            Path(summary_json).write_text(json.dumps(summary.to_dict(), indent=2, default=str))
+        if summary.n_images_rejected:
+            raise typer.Exit(EXIT_REJECTS)
+
+    @app.command("demo")
+    def demo(
+        out: str = typer.Option("demo-output", help="Folder for the archive, manifest and lake."),
+        n_images: int = typer.Option(24, help="Synthetic images to generate."),
+        seed: int = typer.Option(0),
+        models: bool = typer.Option(True, "--models/--no-models", help="Also run RootSAM and RootQuant (random weights)."),
+    ) -> None:
+        """End to end on an embedded default: synthetic archive -> manifest -> Ray -> Delta -> summary."""
+        from rootflow.demo import run_demo
+
+        run_demo(out, n_images=n_images, seed=seed, models=models)

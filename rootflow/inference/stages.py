@@ -1,0 +1,357 @@
+"""CPU stages of the processing pipeline: plain functions of a batch (``dict[str, np.ndarray]``).
+
+The chain is read bytes -> decode/validate -> model actors -> traits -> output records; see
+:func:`rootflow.inference.pipeline.build_dataset`. Every stage obeys one rule so that every
+manifest row ends as exactly one traits row per producer or one rejects row: a per-row failure
+never raises; it writes ``"<stage>: <Type>: <message>"`` into the row's ``error`` column and the
+later stages pass that row through untouched. Ray Data would otherwise fail the whole job on the
+first errored block (``max_errored_blocks=0``).
+
+Each stage also adds the wall time it spent per row to ``t_<stage>`` (seconds), so the job's
+summary can say where the time went without a profiler.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from rootflow.io import images, storage
+
+Batch = dict[str, np.ndarray]
+
+#: Errors that a retry cannot fix: the object is not there or we may not read it.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+              ValueError)
+
+
+def _n(batch: Batch) -> int:
+    return len(next(iter(batch.values()))) if batch else 0
+
+
+def _objects(values: list[Any]) -> np.ndarray:
+    """1-D object array (``np.array`` would try to stack equal-shaped images into one block)."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def _errors(batch: Batch) -> list[str | None]:
+    if "error" in batch:
+        return [e if isinstance(e, str) and e else None for e in batch["error"]]
+    return [None] * _n(batch)
+
+
+def _fail(stage: str, exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{stage}: {type(exc).__name__}: {msg}"[:500]
+
+
+def _timed(batch: Batch, stage: str, t0: float) -> None:
+    n = max(_n(batch), 1)
+    batch[f"t_{stage}"] = np.full(_n(batch), (time.perf_counter() - t0) / n, dtype=np.float64)
+
+
+def read_with_retries(uri: str, storage_options: dict[str, Any] | None, *, attempts: int = 5,
+                      base_delay_s: float = 0.2) -> bytes:
+    """Read an object, retrying transient storage errors with jittered exponential backoff.
+
+    Missing objects and permission errors are permanent and raise at once (their message is the
+    reject reason); timeouts, throttling and dropped connections are retried.
+    """
+    for attempt in range(attempts):
+        try:
+            return storage.read_bytes(uri, storage_options)
+        except _PERMANENT:
+            raise
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(base_delay_s * (2**attempt) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def read_bytes(batch: Batch, *, storage_options: dict[str, Any] | None = None,
+               threads: int = 8) -> Batch:
+    """Fetch ``image_uri`` (and ``mask_uri`` where present) into ``image_bytes``/``mask_bytes``.
+
+    Object-storage reads are latency-bound, so one task reads its rows on a thread pool: many
+    reads are in flight while only one CPU slot is held.
+    """
+    t0 = time.perf_counter()
+    n = _n(batch)
+    errors = _errors(batch)
+    uris = list(batch["image_uri"])
+    masks = list(batch["mask_uri"]) if "mask_uri" in batch else [None] * n
+
+    def one(i: int) -> tuple[bytes | None, bytes | None, str | None]:
+        if errors[i]:
+            return None, None, errors[i]
+        try:
+            img = read_with_retries(str(uris[i]), storage_options)
+        except Exception as e:
+            return None, None, _fail("read", e)
+        mask = None
+        if isinstance(masks[i], str) and masks[i]:
+            try:
+                mask = read_with_retries(masks[i], storage_options)
+            except Exception as e:
+                return None, None, _fail("read_mask", e)
+        return img, mask, None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, n))) as pool:
+        results = list(pool.map(one, range(n)))
+    batch["image_bytes"] = _objects([r[0] for r in results])
+    batch["mask_bytes"] = _objects([r[1] for r in results])
+    batch["error"] = _objects([r[2] for r in results])
+    _timed(batch, "read", t0)
+    return batch
+
+
+def decode(batch: Batch) -> Batch:
+    """Decode and validate images (and given masks) into ``image`` (uint8 RGB) and ``mask_png``.
+
+    The raw bytes are dropped here: past this stage images travel decoded (the models need the
+    pixels) and masks travel PNG-encoded (a 2550x2273 mask is 5.8 MB raw, ~50 kB as PNG).
+    """
+    t0 = time.perf_counter()
+    errors = _errors(batch)
+    out_img: list[np.ndarray | None] = []
+    out_mask: list[bytes | None] = []
+    bits: list[int] = []
+    for i, (data, mdata) in enumerate(zip(batch["image_bytes"], batch["mask_bytes"], strict=True)):
+        if errors[i]:
+            out_img.append(None)
+            out_mask.append(None)
+            bits.append(0)
+            continue
+        try:
+            rgb, b = images.decode(data)
+        except Exception as e:
+            errors[i] = _fail("decode", e)
+            out_img.append(None)
+            out_mask.append(None)
+            bits.append(0)
+            continue
+        mask_png = None
+        if mdata is not None:
+            try:
+                m = images.decode_mask(mdata)
+                if m.shape != rgb.shape[:2]:
+                    raise ValueError(f"mask is {m.shape[1]}x{m.shape[0]} px but image is "
+                                     f"{rgb.shape[1]}x{rgb.shape[0]} px")
+                mask_png = images.encode_png(m)
+            except Exception as e:
+                errors[i] = _fail("decode_mask", e)
+                out_img.append(None)
+                out_mask.append(None)
+                bits.append(0)
+                continue
+        out_img.append(rgb)
+        out_mask.append(mask_png)
+        bits.append(b)
+    del batch["image_bytes"], batch["mask_bytes"]
+    batch["image"] = _objects(out_img)
+    batch["mask_png"] = _objects(out_mask)
+    batch["bit_depth"] = np.asarray(bits, dtype=np.int32)
+    batch["error"] = _objects(errors)
+    _timed(batch, "decode", t0)
+    return batch
+
+
+def mask_uri_for(lake_uri: str, model_name: str, model_version: str, row: dict[str, Any]) -> str:
+    """Deterministic URI of a produced mask, so re-runs overwrite instead of duplicating."""
+    safe_version = "".join(c if c.isalnum() or c in "._+-" else "_" for c in model_version)
+    return storage.join(lake_uri, "masks", model_name, safe_version, f"year={row['year']}",
+                        f"tube={row['tube']}", f"{row['image_id']}.png")
+
+
+def traits(batch: Batch, *, producers: tuple[str, ...], lake_uri: str,
+           storage_options: dict[str, Any] | None = None,
+           trait_options: dict[str, Any] | None = None, write_masks: bool = True) -> Batch:
+    """Measure traits of the given mask (producer ``mask``) and of RootSAM's mask.
+
+    Adds ``traits_mask`` / ``traits_rootsam`` (object: dict or None) and ``rootsam_mask_uri``
+    (where the RootSAM mask PNG was written). A row fails here only for a reason that concerns
+    the whole image; a producer-specific failure is recorded for that producer alone in
+    ``error_<producer>`` so the other producers' rows still land.
+    """
+    from rootflow.traits import measure
+
+    t0 = time.perf_counter()
+    n = _n(batch)
+    errors = _errors(batch)
+    opts = dict(trait_options or {})
+    result: dict[str, list[Any]] = {"traits_mask": [None] * n, "traits_rootsam": [None] * n,
+                                    "rootsam_mask_uri": [None] * n,
+                                    "error_mask": [None] * n, "error_rootsam": [None] * n}
+    for i in range(n):
+        if errors[i]:
+            continue
+        dpi = float(batch["dpi"][i])
+        if "mask" in producers:
+            png = batch["mask_png"][i]
+            if png is None:
+                result["error_mask"][i] = "traits: no mask_uri for this image"
+            else:
+                try:
+                    result["traits_mask"][i] = measure(images.decode_mask(png), dpi=dpi, **opts)
+                except Exception as e:
+                    result["error_mask"][i] = _fail("traits", e)
+        if "rootsam" in producers:
+            png = batch["rootsam_mask_png"][i] if "rootsam_mask_png" in batch else None
+            rs_err = (batch["rootsam_error"][i] if "rootsam_error" in batch else None)
+            if png is None:
+                result["error_rootsam"][i] = rs_err or "rootsam: no mask produced"
+                continue
+            try:
+                result["traits_rootsam"][i] = measure(images.decode_mask(png), dpi=dpi, **opts)
+                if write_masks:
+                    row = {k: batch[k][i] for k in ("year", "tube", "image_id")}
+                    uri = mask_uri_for(lake_uri, "rootsam",
+                                       str(batch["rootsam_model_version"][i]), row)
+                    storage.write_bytes(uri, png, storage_options)
+                    result["rootsam_mask_uri"][i] = uri
+            except Exception as e:
+                result["error_rootsam"][i] = _fail("traits", e)
+    for k, v in result.items():
+        batch[k] = _objects(v)
+    _timed(batch, "traits", t0)
+    return batch
+
+
+#: Manifest columns carried into every output row.
+MANIFEST_COLUMNS = ("image_id", "image_uri", "file_name", "experiment", "tube", "window",
+                    "session", "captured_at", "year", "operator", "dpi", "depth_cm", "depth",
+                    "mask_uri", "species", "treatment", "tile")
+
+TIMING_STAGES = ("read", "decode", "rootsam", "traits", "rootquant")
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def to_records(batch: Batch, *, producers: tuple[str, ...], run_id: str,
+               model_versions: dict[str, str]) -> Batch:
+    """Turn each image row into its output records: one ``traits`` record per producer, or
+    ``reject`` records naming the stage and reason. Images are dropped here.
+
+    Returns a batch with columns ``kind`` ("traits" | "reject"), ``record`` (object: dict ready
+    for the lake) and the per-row timings (repeated on each of the image's records, weighted so
+    that their sum over records equals the image's time).
+    """
+    n = _n(batch)
+    errors = _errors(batch)
+    kinds: list[str] = []
+    records: list[dict[str, Any]] = []
+    weights: list[tuple[int, float]] = []
+    for i in range(n):
+        base = {c: _plain(batch[c][i]) for c in MANIFEST_COLUMNS if c in batch}
+        base["run_id"] = run_id
+        out: list[tuple[str, dict[str, Any]]] = []
+        if errors[i]:
+            stage = errors[i].split(":", 1)[0]
+            for p in producers:
+                out.append(("reject", {**base, "model_name": p, "stage": stage,
+                                       "reason": errors[i]}))
+        else:
+            for p in producers:
+                rec = _producer_record(batch, i, p, base, model_versions)
+                out.append(rec)
+        for kind, rec in out:
+            kinds.append(kind)
+            records.append(rec)
+            weights.append((i, 1.0 / len(out)))
+    res: Batch = {"kind": np.asarray(kinds, dtype=object), "record": _objects(records)}
+    for s in TIMING_STAGES:
+        col = batch.get(f"t_{s}")
+        res[f"t_{s}"] = np.asarray([float(col[i]) * w if col is not None else 0.0
+                                    for i, w in weights], dtype=np.float64)
+    return res
+
+
+def _producer_record(batch: Batch, i: int, producer: str, base: dict[str, Any],
+                     model_versions: dict[str, str]) -> tuple[str, dict[str, Any]]:
+    rec = {**base, "model_name": producer, "model_version": model_versions[producer]}
+    if producer in ("mask", "rootsam"):
+        err = batch[f"error_{producer}"][i]
+        if err:
+            return "reject", {**base, "model_name": producer, "stage": err.split(":", 1)[0],
+                              "reason": err}
+        rec.update(batch[f"traits_{producer}"][i])
+        if producer == "rootsam":
+            rec["mask_uri"] = batch["rootsam_mask_uri"][i]
+            rec["confidence"] = float(batch["rootsam_confidence"][i])
+            rec["params"] = str(batch["rootsam_params"][i])
+            rec["model_version"] = str(batch["rootsam_model_version"][i])
+        else:
+            rec["params"] = json.dumps({"source": "given mask"})
+        return "traits", rec
+    if producer == "rootquant":
+        err = batch["rootquant_error"][i] if "rootquant_error" in batch else None
+        length = batch["rootquant_length_mm"][i] if "rootquant_length_mm" in batch else None
+        if err or length is None or not np.isfinite(length):
+            return "reject", {**base, "model_name": producer, "stage": "rootquant",
+                              "reason": err or "rootquant: no prediction"}
+        rec.update({"rootquant_length_mm": float(length),
+                    "rootquant_area_mm2": float(batch["rootquant_area_mm2"][i]),
+                    "rootquant_presence": float(batch["rootquant_presence"][i]),
+                    "model_version": str(batch["rootquant_model_version"][i]),
+                    "mask_uri": None,
+                    "params": json.dumps({"source": "regression from image"})})
+        return "traits", rec
+    raise ValueError(f"unknown producer {producer!r}")
+
+
+class ModelActor:
+    """Ray Data actor holding one or more model stages (RootSAM, RootQuant, or both fused).
+
+    Each inner stage follows the stage contract (it marks failed rows in ``error``). This wrapper
+    keeps failures *per producer*: errors an inner stage adds are moved to ``<stage>_error`` and
+    the image's own ``error`` is restored, so a RootSAM failure does not drop the same image's
+    mask-derived or RootQuant rows. An exception escaping a stage marks the whole batch for that
+    producer instead of killing the job. With ``[rootsam, rootquant]`` in one actor the two models
+    share a GPU and the decoded image never leaves the actor between them ("fused" mode).
+
+    Args:
+        stages: ``(name, factory, config)`` triples; ``factory(config, storage_options=...)``
+            builds the stage once, in the actor.
+        storage_options: plain dict for :class:`~rootflow.io.storage.StorageOptions`.
+    """
+
+    def __init__(self, stages: list[tuple[str, Callable[..., Any], Any]],
+                 storage_options: dict[str, Any] | None = None) -> None:
+        self.stages = [(name, factory(cfg, storage_options=storage_options))
+                       for name, factory, cfg in stages]
+
+    def __call__(self, batch: Batch) -> Batch:
+        for name, stage in self.stages:
+            batch = run_guarded(name, stage, batch)
+        return batch
+
+
+def run_guarded(name: str, stage: Callable[[Batch], Batch], batch: Batch) -> Batch:
+    """Run one model stage with per-producer error isolation and timing (see ModelActor)."""
+    t0 = time.perf_counter()
+    before = _errors(batch)
+    n = _n(batch)
+    try:
+        out = stage(dict(batch))
+        after = _errors(out)
+        new = [a if (a and not b) else None for a, b in zip(after, before, strict=True)]
+    except Exception as e:
+        out = dict(batch)
+        new = [None if b else _fail(name, e) for b in before]
+    out["error"] = _objects(before)
+    out[f"{name}_error"] = _objects(new[:n])
+    _timed(out, name, t0)
+    return out
