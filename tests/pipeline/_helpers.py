@@ -1,0 +1,75 @@
+"""Small archives with known bad rows, for pipeline and job tests."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rootflow.io import storage
+
+
+@dataclasses.dataclass(frozen=True)
+class Archive:
+    root: str
+    manifest_uri: str
+    n_rows: int
+    bad_ids: dict[str, str]  # image_id -> stage expected in its reject
+
+
+def small_archive(root: str, *, n_images: int = 6, seed: int = 3, bad: bool = True,
+                  storage_options: Any = None, height: int = 256, width: int = 320) -> Archive:
+    """Synthesise ``n_images`` images, build their manifest, and (``bad``) add three bad rows:
+    a missing file, a corrupt JPEG and a mask of the wrong size."""
+    from rootflow.io.manifest import build_manifest, write_manifest
+    from rootflow.synth import SynthConfig, generate_archive
+
+    arch = storage.join(root, "archive")
+    generate_archive(arch, config=SynthConfig(n_images=n_images, seed=seed, height=height,
+                                               width=width),
+                     storage_options=storage_options)
+    built = build_manifest(arch, experiment_config=storage.join(arch, "experiment.yaml"),
+                           storage_options=storage_options)
+    table = built.table
+    bad_ids: dict[str, str] = {}
+    if bad:
+        template = table.slice(0, 1).to_pylist()[0]
+        extra = []
+        missing = dict(template, image_id="missing-0001",
+                       image_uri=storage.join(arch, "does_not_exist.jpg"),
+                       file_name="does_not_exist.jpg", mask_uri=None)
+        extra.append(missing)
+        bad_ids["missing-0001"] = "read"
+        corrupt_uri = storage.join(root, "corrupt", "corrupt.jpg")
+        storage.write_bytes(corrupt_uri, b"\xff\xd8\xff\xe0 this is not really a jpeg",
+                            storage_options)
+        extra.append(dict(template, image_id="corrupt-0001", image_uri=corrupt_uri,
+                          file_name="corrupt.jpg", mask_uri=None))
+        bad_ids["corrupt-0001"] = "decode"
+        import cv2
+        import numpy as np
+
+        ok, png = cv2.imencode(".png", np.zeros((10, 12), np.uint8))
+        wrong_mask = storage.join(root, "corrupt", "wrong_size_mask.png")
+        storage.write_bytes(wrong_mask, bytes(png), storage_options)
+        extra.append(dict(template, image_id="wrongmask-0001", mask_uri=wrong_mask))
+        bad_ids["wrongmask-0001"] = "decode_mask"
+        table = pa.concat_tables([table, pa.Table.from_pylist(extra, schema=table.schema)])
+    manifest_uri = storage.join(root, "manifest.parquet")
+    write_manifest(table, manifest_uri, storage_options=storage_options)
+    return Archive(root=root, manifest_uri=manifest_uri, n_rows=table.num_rows, bad_ids=bad_ids)
+
+
+def counts_by_image(table: pa.Table, model_name: str) -> dict[str, int]:
+    t = table.filter(pc.equal(table["model_name"], model_name))
+    out: dict[str, int] = {}
+    for i in t["image_id"].to_pylist():
+        out[i] = out.get(i, 0) + 1
+    return out
+
+
+def local(path: Path) -> str:
+    return str(path)

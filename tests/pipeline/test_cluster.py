@@ -1,0 +1,203 @@
+"""Real cluster behaviour on this machine: a head and two worker nodes started with ``ray start``
+on loopback, the job submitted through the Job Submission API, a worker node killed mid-run, and
+a driver killed mid-run then re-run.
+
+Each node is a ``ray start --block`` process in its own process group, so killing the group is a
+node dying (raylet, object store and workers at once), not a polite shutdown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+
+from rootflow.lake import Lake
+from tests.pipeline._helpers import counts_by_image, small_archive
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+ROOT = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _node_ports() -> list[str]:
+    """Per-node agent ports: several raylets on one machine must not share them."""
+    return [f"--dashboard-agent-listen-port={_port()}", f"--dashboard-agent-grpc-port={_port()}",
+            f"--metrics-export-port={_port()}", f"--runtime-env-agent-port={_port()}",
+            f"--node-manager-port={_port()}", f"--object-manager-port={_port()}"]
+
+
+@dataclasses.dataclass
+class LocalCluster:
+    gcs_address: str
+    dashboard_url: str
+    head: subprocess.Popen
+    workers: list[subprocess.Popen]
+    temp_dir: str
+
+    def kill_node(self, proc: subprocess.Popen) -> None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+    def alive_nodes(self) -> int:
+        from ray.util.state import list_nodes
+
+        return sum(1 for n in list_nodes(address=self.dashboard_url, raise_on_missing_output=False)
+                   if n.state == "ALIVE")
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([RAY, "start", "--block", *args], stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    tmp = tempfile.mkdtemp(prefix="rf-cl-", dir="/tmp")
+    gcs_port, dash_port = _port(), _port()
+    head = _start(["--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
+                   f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1",
+                   "--include-dashboard=true", f"--ray-client-server-port={_port()}",
+                   "--num-cpus=0", "--object-store-memory=200000000", f"--temp-dir={tmp}",
+                   *_node_ports()], Path(tmp) / "head.log")
+    gcs = f"127.0.0.1:{gcs_port}"
+    workers = [
+        _start([f"--address={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
+                "--object-store-memory=200000000", *_node_ports()], Path(tmp) / f"worker{i}.log")
+        for i in range(2)
+    ]
+    cl = LocalCluster(gcs_address=gcs, dashboard_url=f"http://127.0.0.1:{dash_port}", head=head,
+                      workers=workers, temp_dir=tmp)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if cl.alive_nodes() == 3:
+                break
+        except Exception:
+            pass
+        if time.monotonic() > deadline or head.poll() is not None:
+            logs = "\n".join(p.read_text()[-2000:] for p in Path(tmp).glob("*.log"))
+            for p in [head, *workers]:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+            raise RuntimeError(f"local cluster did not come up:\n{logs}")
+        time.sleep(1)
+    try:
+        yield cl
+    finally:
+        for p in [*workers, head]:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in [*workers, head]:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def _wait_rows(lake_uri: str, n: int, timeout: float) -> int:
+    """Wait until the traits table has at least ``n`` rows; return the count."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            rows = Lake(lake_uri).read("traits").num_rows
+            if rows >= n:
+                return rows
+        except Exception:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"traits table at {lake_uri} did not reach {n} rows in {timeout:.0f} s")
+
+
+def _assert_complete(lake_uri: str, n_images: int, producers: tuple[str, ...]) -> None:
+    traits = Lake(lake_uri).read("traits")
+    for p in producers:
+        counts = counts_by_image(traits, p)
+        assert len(counts) == n_images, (p, len(counts), n_images)
+        assert set(counts.values()) == {1}, f"duplicate rows for {p}"
+
+
+INFER_ARGS = ["--producers", "mask,rootsam", "--rootsam-config", "tiny",
+              "--set", "commit_every=4", "--set", "resources.block_rows=2",
+              "--set", "resources.model_batch_size=1"]
+
+
+def test_submit_job_and_survive_a_dead_worker_node(cluster: LocalCluster, tmp_path) -> None:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    arch = small_archive(str(tmp_path), n_images=24, bad=False, height=224, width=256)
+    lake_uri = str(tmp_path / "lake")
+    summary = tmp_path / "summary.json"
+    client = JobSubmissionClient(cluster.dashboard_url)
+    job = client.submit_job(
+        entrypoint=" ".join(["python", "jobs/infer.py", arch.manifest_uri, lake_uri, *INFER_ARGS,
+                             "--summary-json", str(summary)]),
+        runtime_env={"working_dir": str(ROOT),
+                     "excludes": [".venv/", ".git/", "demo-output/", "**/__pycache__/"]},
+    )
+    _wait_rows(lake_uri, 4, timeout=300)
+    assert client.get_job_status(job) == JobStatus.RUNNING, "job ended before the node was killed"
+    cluster.kill_node(cluster.workers[0])
+    deadline = time.monotonic() + 420
+    while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                             JobStatus.STOPPED}:
+        assert time.monotonic() < deadline, client.get_job_logs(job)[-3000:]
+        time.sleep(1)
+    logs = client.get_job_logs(job)
+    assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
+    s = json.loads(summary.read_text())
+    assert s["n_images"] == arch.n_rows and s["n_images_rejected"] == 0
+    _assert_complete(lake_uri, arch.n_rows, ("mask", "rootsam"))
+    assert cluster.alive_nodes() == 2
+
+
+def test_killed_driver_rerun_finishes_without_duplicates(cluster: LocalCluster, tmp_path) -> None:
+    arch = small_archive(str(tmp_path), n_images=16, bad=False, height=224, width=256)
+    lake_uri = str(tmp_path / "lake")
+    cmd = [sys.executable, str(ROOT / "jobs" / "infer.py"), arch.manifest_uri, lake_uri,
+           *INFER_ARGS, "--address", cluster.gcs_address, "--set", "lease_ttl_s=2"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    log = (tmp_path / "driver1.log").open("w")
+    first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                             start_new_session=True)
+    try:
+        rows_at_kill = _wait_rows(lake_uri, 4, timeout=300)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(30)
+    assert rows_at_kill < 2 * arch.n_rows, "driver finished before it was killed"
+    runs = Lake(lake_uri).read("runs").to_pylist()
+    assert [r["status"] for r in runs] == ["running"]  # it never got to say otherwise
+
+    time.sleep(2.5)  # the dead run's lease expires (lease_ttl_s=2)
+    second = subprocess.run([*cmd, "--summary-json", str(tmp_path / "s2.json")], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    s2 = json.loads((tmp_path / "s2.json").read_text())
+    assert s2["n_skipped"] >= 1, "the re-run did not resume: it redid finished images"
+    assert s2["n_images"] + s2["n_skipped"] == arch.n_rows
+    _assert_complete(lake_uri, arch.n_rows, ("mask", "rootsam"))
+    runs = Lake(lake_uri).read("runs")
+    done = runs.filter(pc.equal(runs["run_id"], s2["run_id"])).to_pylist()
+    assert done[0]["status"] == "ok"
