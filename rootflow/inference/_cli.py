@@ -13,20 +13,9 @@ from typing import Any
 
 import typer
 
+from rootflow.io._cli import storage_from_cli
+
 EXIT_REJECTS = 3  # the run finished but some manifest rows were rejected
-
-
-def storage_from_cli(items: list[str] | None) -> dict[str, Any]:
-    """``--storage-option key=value`` pairs on top of the environment (``AWS_*``)."""
-    from rootflow.io.storage import StorageOptions
-
-    base = StorageOptions.from_env().to_dict()
-    for item in items or []:
-        if "=" not in item:
-            raise typer.BadParameter(f"--storage-option {item!r} is not key=value")
-        k, v = item.split("=", 1)
-        base[k] = v.lower() in ("1", "true", "yes") if k in ("allow_http", "path_style") else v
-    return StorageOptions.from_mapping(base).to_dict()
 
 
 def init_ray(address: str | None, *, num_cpus: int | None = None, quiet: bool = True) -> None:
