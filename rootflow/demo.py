@@ -19,7 +19,7 @@ RANDOM_WEIGHTS_NOTE = (
 )
 
 #: Small, fast model settings for the demo (CPU, seconds per image).
-DEMO_ROOTSAM: dict[str, Any] = {"model_config": "tiny"}
+DEMO_ROOTSAM: dict[str, Any] = {"variant": "test"}
 DEMO_ROOTQUANT: dict[str, Any] = {"backbone": "resnet10t"}
 
 

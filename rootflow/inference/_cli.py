@@ -47,8 +47,8 @@ def build_config(*, producers: str, config_file: str | None, overrides: list[str
 
     cfg = cfglib.load(InferConfig, config_file, overrides or [])
     rs = dict(cfg.rootsam)
-    for key, val in (("model_config", rootsam_config), ("base_checkpoint", base_checkpoint),
-                     ("base_sha256", base_sha256), ("checkpoint", rootsam_checkpoint)):
+    for key, val in (("variant", rootsam_config), ("base_checkpoint", base_checkpoint),
+                     ("base_sha256", base_sha256), ("rootsam_checkpoint", rootsam_checkpoint)):
         if val is not None:
             rs[key] = val
     rq = dict(cfg.rootquant)
@@ -82,7 +82,7 @@ def register(app: typer.Typer) -> None:
         producers: str = typer.Option("mask,rootsam,rootquant", help=_PRODUCERS_HELP),
         config: str | None = typer.Option(None, "--config", help="InferConfig YAML."),
         set_: list[str] = typer.Option([], "--set", help="Config override key=value (repeatable), e.g. rootsam.tile_size=512."),
-        rootsam_config: str | None = typer.Option(None, help="SAM2.1 config: tiny, hiera_t, hiera_s, hiera_b+, hiera_l."),
+        rootsam_config: str | None = typer.Option(None, help="SAM2.1 variant: hiera_tiny, hiera_small, hiera_base_plus, hiera_large (or test: a tiny CPU config)."),
         base_checkpoint: str | None = typer.Option(None, help="SAM2.1 base checkpoint URI (local or s3://)."),
         base_sha256: str | None = typer.Option(None, help="Expected sha256 of the base checkpoint."),
         rootsam_checkpoint: str | None = typer.Option(None, help="RootSAM (fine-tuned decoder) checkpoint URI."),

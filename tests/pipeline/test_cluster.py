@@ -137,7 +137,7 @@ def _assert_complete(lake_uri: str, n_images: int, producers: tuple[str, ...]) -
         assert set(counts.values()) == {1}, f"duplicate rows for {p}"
 
 
-INFER_ARGS = ["--producers", "mask,rootsam", "--rootsam-config", "tiny",
+INFER_ARGS = ["--producers", "mask,rootsam", "--rootsam-config", "test",
               "--set", "commit_every=4", "--set", "resources.block_rows=2",
               "--set", "resources.model_batch_size=1"]
 

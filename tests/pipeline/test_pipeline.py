@@ -67,7 +67,7 @@ def test_models_fused_and_separate_give_same_rows(ray_local, tmp_path) -> None:
     """RootSAM + RootQuant (tiny, random) in one actor or in two pools: same accounting."""
     arch = small_archive(str(tmp_path), n_images=3)
     producers = ("mask", "rootsam", "rootquant")
-    base = InferConfig(producers=producers, rootsam={"model_config": "tiny"},
+    base = InferConfig(producers=producers, rootsam={"variant": "test"},
                        rootquant={"backbone": "resnet10t"}, commit_every=100)
     for fuse in (True, False):
         lake_uri = str(tmp_path / f"lake-{fuse}")
