@@ -26,6 +26,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import pickle
 import subprocess
 import time
 import uuid
@@ -370,7 +371,8 @@ def run(manifest_uri: str, lake_uri: str, cfg: InferConfig, *,
                     on_commit(counts["traits"] + counts["reject"])
 
             for batch in _iter(ds):
-                for kind, rec in zip(batch["kind"], batch["record"], strict=True):
+                for kind, blob in zip(batch["kind"], batch["record"], strict=True):
+                    rec = pickle.loads(blob)
                     buf[kind].append(rec)
                     if kind == "reject":
                         rejected_images.add(rec["image_id"])

@@ -14,6 +14,7 @@ summary can say where the time went without a profiler.
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import time
 from collections.abc import Callable
@@ -42,9 +43,59 @@ def _objects(values: list[Any]) -> np.ndarray:
     return out
 
 
-def _errors(batch: Batch) -> list[str | None]:
-    if "error" in batch:
-        return [e if isinstance(e, str) and e else None for e in batch["error"]]
+def _opt(batch: Batch, col: str, i: int) -> Any:
+    """Row ``i`` of an optional column, or None.
+
+    Ray hands an all-``None`` object column back as float NaN (it travels as an Arrow null
+    array), so "missing" may arrive as None, NaN or an absent column.
+    """
+    if col not in batch:
+        return None
+    v = batch[col][i]
+    if v is None or (isinstance(v, float | np.floating) and np.isnan(v)):
+        return None
+    if isinstance(v, str | bytes) and not v:
+        return None
+    if isinstance(v, np.ndarray) and v.size == 0:
+        return None
+    return v
+
+
+#: Type of every object column that travels between stages. Arrow infers a block's types from
+#: its values, so an optional column that is all-None in one block and bytes in the next would
+#: not unify; "missing" is therefore an *empty value of the column's type* ("" / b"" / an empty
+#: image), which :func:`_opt` reads back as None.
+_STR, _BYTES, _IMAGE = "", b"", np.zeros((0, 0, 3), np.uint8)
+COLUMN_KINDS: dict[str, Any] = {
+    "error": _STR, "image_bytes": _BYTES, "mask_bytes": _BYTES, "image": _IMAGE,
+    "mask_png": _BYTES, "rootsam_mask_png": _BYTES, "rootsam_mask_uri": _STR,
+    "rootsam_params": _STR, "rootsam_model_version": _STR, "rootquant_model_version": _STR,
+    "traits_mask": _STR, "traits_rootsam": _STR, "error_mask": _STR, "error_rootsam": _STR,
+    "rootsam_error": _STR, "rootquant_error": _STR,
+}
+_FLOAT_COLUMNS = ("rootsam_confidence", "rootquant_length_mm", "rootquant_area_mm2",
+                  "rootquant_presence")
+
+
+def normalize(batch: Batch) -> Batch:
+    """Give every known column one Arrow-stable type (see :data:`COLUMN_KINDS`)."""
+    for col, empty in COLUMN_KINDS.items():
+        if col in batch:
+            batch[col] = _objects([empty if _is_missing(v) else v for v in batch[col]])
+    for col in _FLOAT_COLUMNS:
+        if col in batch:
+            batch[col] = np.asarray([np.nan if _is_missing(v) else float(v) for v in batch[col]],
+                                    dtype=np.float64)
+    return batch
+
+
+def _is_missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float | np.floating) and bool(np.isnan(v)))
+
+
+def _errors(batch: Batch, col: str = "error") -> list[str | None]:
+    if col in batch:
+        return [e if isinstance(e, str) and e else None for e in batch[col]]
     return [None] * _n(batch)
 
 
@@ -88,7 +139,7 @@ def read_bytes(batch: Batch, *, storage_options: dict[str, Any] | None = None,
     n = _n(batch)
     errors = _errors(batch)
     uris = list(batch["image_uri"])
-    masks = list(batch["mask_uri"]) if "mask_uri" in batch else [None] * n
+    masks = [_opt(batch, "mask_uri", i) for i in range(n)]
 
     def one(i: int) -> tuple[bytes | None, bytes | None, str | None]:
         if errors[i]:
@@ -111,7 +162,7 @@ def read_bytes(batch: Batch, *, storage_options: dict[str, Any] | None = None,
     batch["mask_bytes"] = _objects([r[1] for r in results])
     batch["error"] = _objects([r[2] for r in results])
     _timed(batch, "read", t0)
-    return batch
+    return normalize(batch)
 
 
 def decode(batch: Batch) -> Batch:
@@ -125,7 +176,8 @@ def decode(batch: Batch) -> Batch:
     out_img: list[np.ndarray | None] = []
     out_mask: list[bytes | None] = []
     bits: list[int] = []
-    for i, (data, mdata) in enumerate(zip(batch["image_bytes"], batch["mask_bytes"], strict=True)):
+    for i in range(_n(batch)):
+        data, mdata = _opt(batch, "image_bytes", i), _opt(batch, "mask_bytes", i)
         if errors[i]:
             out_img.append(None)
             out_mask.append(None)
@@ -162,7 +214,7 @@ def decode(batch: Batch) -> Batch:
     batch["bit_depth"] = np.asarray(bits, dtype=np.int32)
     batch["error"] = _objects(errors)
     _timed(batch, "decode", t0)
-    return batch
+    return normalize(batch)
 
 
 def mask_uri_for(lake_uri: str, model_name: str, model_version: str, row: dict[str, Any]) -> str:
@@ -196,22 +248,24 @@ def traits(batch: Batch, *, producers: tuple[str, ...], lake_uri: str,
             continue
         dpi = float(batch["dpi"][i])
         if "mask" in producers:
-            png = batch["mask_png"][i]
+            png = _opt(batch, "mask_png", i)
             if png is None:
                 result["error_mask"][i] = "traits: no mask_uri for this image"
             else:
                 try:
-                    result["traits_mask"][i] = measure(images.decode_mask(png), dpi=dpi, **opts)
+                    result["traits_mask"][i] = json.dumps(
+                        measure(images.decode_mask(png), dpi=dpi, **opts))
                 except Exception as e:
                     result["error_mask"][i] = _fail("traits", e)
         if "rootsam" in producers:
-            png = batch["rootsam_mask_png"][i] if "rootsam_mask_png" in batch else None
-            rs_err = (batch["rootsam_error"][i] if "rootsam_error" in batch else None)
+            png = _opt(batch, "rootsam_mask_png", i)
+            rs_err = _opt(batch, "rootsam_error", i)
             if png is None:
                 result["error_rootsam"][i] = rs_err or "rootsam: no mask produced"
                 continue
             try:
-                result["traits_rootsam"][i] = measure(images.decode_mask(png), dpi=dpi, **opts)
+                result["traits_rootsam"][i] = json.dumps(
+                    measure(images.decode_mask(png), dpi=dpi, **opts))
                 if write_masks:
                     row = {k: batch[k][i] for k in ("year", "tube", "image_id")}
                     uri = mask_uri_for(lake_uri, "rootsam",
@@ -223,7 +277,7 @@ def traits(batch: Batch, *, producers: tuple[str, ...], lake_uri: str,
     for k, v in result.items():
         batch[k] = _objects(v)
     _timed(batch, "traits", t0)
-    return batch
+    return normalize(batch)
 
 
 #: Manifest columns carried into every output row.
@@ -245,8 +299,8 @@ def to_records(batch: Batch, *, producers: tuple[str, ...], run_id: str,
     """Turn each image row into its output records: one ``traits`` record per producer, or
     ``reject`` records naming the stage and reason. Images are dropped here.
 
-    Returns a batch with columns ``kind`` ("traits" | "reject"), ``record`` (object: dict ready
-    for the lake) and the per-row timings (repeated on each of the image's records, weighted so
+    Returns a batch with columns ``kind`` ("traits" | "reject"), ``record`` (a pickled dict ready
+    for the lake: one stable binary column whatever the record's fields) and the per-row timings (repeated on each of the image's records, weighted so
     that their sum over records equals the image's time).
     """
     n = _n(batch)
@@ -255,7 +309,7 @@ def to_records(batch: Batch, *, producers: tuple[str, ...], run_id: str,
     records: list[dict[str, Any]] = []
     weights: list[tuple[int, float]] = []
     for i in range(n):
-        base = {c: _plain(batch[c][i]) for c in MANIFEST_COLUMNS if c in batch}
+        base = {c: _plain(_opt(batch, c, i)) for c in MANIFEST_COLUMNS if c in batch}
         base["run_id"] = run_id
         out: list[tuple[str, dict[str, Any]]] = []
         if errors[i]:
@@ -271,7 +325,8 @@ def to_records(batch: Batch, *, producers: tuple[str, ...], run_id: str,
             kinds.append(kind)
             records.append(rec)
             weights.append((i, 1.0 / len(out)))
-    res: Batch = {"kind": np.asarray(kinds, dtype=object), "record": _objects(records)}
+    res: Batch = {"kind": np.asarray(kinds, dtype=object),
+                  "record": _objects([pickle.dumps(r, protocol=5) for r in records])}
     for s in TIMING_STAGES:
         col = batch.get(f"t_{s}")
         res[f"t_{s}"] = np.asarray([float(col[i]) * w if col is not None else 0.0
@@ -283,13 +338,13 @@ def _producer_record(batch: Batch, i: int, producer: str, base: dict[str, Any],
                      model_versions: dict[str, str]) -> tuple[str, dict[str, Any]]:
     rec = {**base, "model_name": producer, "model_version": model_versions[producer]}
     if producer in ("mask", "rootsam"):
-        err = batch[f"error_{producer}"][i]
+        err = _opt(batch, f"error_{producer}", i)
         if err:
             return "reject", {**base, "model_name": producer, "stage": err.split(":", 1)[0],
                               "reason": err}
-        rec.update(batch[f"traits_{producer}"][i])
+        rec.update(json.loads(batch[f"traits_{producer}"][i]))
         if producer == "rootsam":
-            rec["mask_uri"] = batch["rootsam_mask_uri"][i]
+            rec["mask_uri"] = _opt(batch, "rootsam_mask_uri", i)
             rec["confidence"] = float(batch["rootsam_confidence"][i])
             rec["params"] = str(batch["rootsam_params"][i])
             rec["model_version"] = str(batch["rootsam_model_version"][i])
@@ -297,9 +352,9 @@ def _producer_record(batch: Batch, i: int, producer: str, base: dict[str, Any],
             rec["params"] = json.dumps({"source": "given mask"})
         return "traits", rec
     if producer == "rootquant":
-        err = batch["rootquant_error"][i] if "rootquant_error" in batch else None
-        length = batch["rootquant_length_mm"][i] if "rootquant_length_mm" in batch else None
-        if err or length is None or not np.isfinite(length):
+        err = _opt(batch, "rootquant_error", i)
+        length = _opt(batch, "rootquant_length_mm", i)
+        if err or length is None:
             return "reject", {**base, "model_name": producer, "stage": "rootquant",
                               "reason": err or "rootquant: no prediction"}
         rec.update({"rootquant_length_mm": float(length),
@@ -344,8 +399,10 @@ def run_guarded(name: str, stage: Callable[[Batch], Batch], batch: Batch) -> Bat
     t0 = time.perf_counter()
     before = _errors(batch)
     n = _n(batch)
+    inp = dict(batch)
+    inp["error"] = _objects(before)  # the stage contract: None for rows that are fine
     try:
-        out = stage(dict(batch))
+        out = stage(inp)
         after = _errors(out)
         new = [a if (a and not b) else None for a, b in zip(after, before, strict=True)]
     except Exception as e:
@@ -354,4 +411,4 @@ def run_guarded(name: str, stage: Callable[[Batch], Batch], batch: Batch) -> Bat
     out["error"] = _objects(before)
     out[f"{name}_error"] = _objects(new[:n])
     _timed(out, name, t0)
-    return out
+    return normalize(out)
