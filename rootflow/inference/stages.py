@@ -79,9 +79,18 @@ _FLOAT_COLUMNS = ("rootsam_confidence", "rootquant_length_mm", "rootquant_area_m
 
 def normalize(batch: Batch) -> Batch:
     """Give every known column one Arrow-stable type (see :data:`COLUMN_KINDS`)."""
-    for col, empty in COLUMN_KINDS.items():
-        if col in batch:
-            batch[col] = _objects([empty if _is_missing(v) else v for v in batch[col]])
+    for col, values in list(batch.items()):
+        empty = COLUMN_KINDS.get(col)
+        if empty is None and values.dtype == object:
+            # A column a stage added that we do not know: strings (or nothing at all) make a
+            # string column, bytes a bytes column; anything else is left to Ray.
+            present = [v for v in values if not _is_missing(v)]
+            if all(isinstance(v, str) for v in present):
+                empty = _STR
+            elif all(isinstance(v, bytes) for v in present):
+                empty = _BYTES
+        if empty is not None:
+            batch[col] = _objects([empty if _is_missing(v) else v for v in values])
     for col in _FLOAT_COLUMNS:
         if col in batch:
             batch[col] = np.asarray([np.nan if _is_missing(v) else float(v) for v in batch[col]],
