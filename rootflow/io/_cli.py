@@ -1,9 +1,129 @@
-"""CLI commands of this area (registered by :mod:`rootflow.cli`)."""
+"""``rootflow manifest build|parse|validate`` (registered by :mod:`rootflow.cli`)."""
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import typer
+
+manifest_app = typer.Typer(help="Build, parse and validate image manifests.",
+                           no_args_is_help=True)
+
+_STORAGE_HELP = ("Object-storage setting key=value (endpoint_url, region, key, secret, token, "
+                 "allow_http, path_style); repeatable; defaults come from AWS_* variables.")
+
+
+def storage_from_cli(items: list[str] | None) -> dict[str, Any]:
+    """``--storage-option key=value`` pairs on top of the environment (``AWS_*``)."""
+    from rootflow.io.storage import StorageOptions
+
+    base = StorageOptions.from_env().to_dict()
+    for item in items or []:
+        if "=" not in item:
+            raise typer.BadParameter(f"--storage-option {item!r} is not key=value")
+        k, v = item.split("=", 1)
+        base[k] = v.lower() in ("1", "true", "yes") if k in ("allow_http", "path_style") else v
+    try:
+        return StorageOptions.from_mapping(base).to_dict()
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+@manifest_app.command("build")
+def build(
+    src_uri: str = typer.Argument(..., help="Folder (local or s3://...) holding the images."),
+    out: str = typer.Option(..., "--out", "-o", help="Manifest to write (.parquet or .csv)."),
+    experiment_config: str | None = typer.Option(
+        None, "--experiment-config", "-e",
+        help="Per-experiment YAML (dpi, tube geometry, date_order); default SRC/experiment.yaml."),
+    rejects: str | None = typer.Option(
+        None, "--rejects", help="Where to write rejected files (Parquet); default "
+        "<out stem>.rejects.parquet when there are any."),
+    date_order: str | None = typer.Option(
+        None, "--date-order", help="DMY, YMD or MDY for 2-digit-year dates (overrides the YAML)."),
+    pattern: str | None = typer.Option(
+        None, "--pattern", help="Regex with named groups replacing the ICAP file-name pattern."),
+    id_from: str = typer.Option("uri", "--id-from", help="image_id from: uri, content or name."),
+    storage_option: list[str] = typer.Option(None, "--storage-option", "-s", help=_STORAGE_HELP),
+) -> None:
+    """List images under SRC_URI, parse their names and write a validated manifest."""
+    from rootflow.io.manifest import ManifestError, build_manifest, write_manifest, write_table
+
+    so = storage_from_cli(storage_option)
+    if date_order is not None and date_order not in ("DMY", "YMD", "MDY"):
+        raise typer.BadParameter("--date-order must be DMY, YMD or MDY")
+    if id_from not in ("uri", "content", "name"):
+        raise typer.BadParameter("--id-from must be uri, content or name")
+    try:
+        result = build_manifest(src_uri, experiment_config=experiment_config,
+                                storage_options=so, date_order=date_order,  # type: ignore[arg-type]
+                                filename_pattern=pattern, id_from=id_from)  # type: ignore[arg-type]
+    except ManifestError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    write_manifest(result.table, out, storage_options=so)
+    typer.echo(f"manifest: {result.table.num_rows} images -> {out}")
+    n_rej = result.rejects.num_rows
+    if n_rej or rejects:
+        rej_uri = rejects or (out.rsplit(".", 1)[0] + ".rejects.parquet")
+        write_table(result.rejects, rej_uri, storage_options=so)
+        typer.echo(f"rejected: {n_rej} files -> {rej_uri}")
+        reasons: dict[str, int] = {}
+        for r in result.rejects.column("reason").to_pylist():
+            short = r.split(":", 1)[0] if r.startswith("filename:") else r
+            reasons[short] = reasons.get(short, 0) + 1
+        for reason, n in sorted(reasons.items(), key=lambda x: -x[1]):
+            typer.echo(f"  {n} x {reason}")
+    else:
+        typer.echo("rejected: 0 files")
+
+
+@manifest_app.command("parse")
+def parse(
+    names: list[str] = typer.Argument(..., help="File names (or paths) to parse."),
+    date_order: str | None = typer.Option(None, "--date-order", help="DMY, YMD or MDY."),
+    pattern: str | None = typer.Option(None, "--pattern", help="Regex with named groups."),
+) -> None:
+    """Print the fields parsed from each name as one JSON object per line (exit 1 if any fail)."""
+    from rootflow.io.filenames import FilenameError, parse_name
+
+    failed = 0
+    for name in names:
+        try:
+            out = {"name": name, **parse_name(name, date_order=date_order,  # type: ignore[arg-type]
+                                              pattern=pattern).to_json_dict()}
+        except FilenameError as e:
+            failed += 1
+            out = {"name": name, "error": str(e)}
+        typer.echo(json.dumps(out))
+    if failed:
+        raise typer.Exit(1)
+
+
+@manifest_app.command("validate")
+def validate(
+    uri: str = typer.Argument(..., help="Manifest (Parquet or CSV) to check."),
+    experiment_config: str | None = typer.Option(None, "--experiment-config", "-e"),
+    out: str | None = typer.Option(None, "--out", "-o",
+                                   help="Write the completed, validated manifest here."),
+    storage_option: list[str] = typer.Option(None, "--storage-option", "-s", help=_STORAGE_HELP),
+) -> None:
+    """Validate a user-supplied manifest against the schema (errors name column and row)."""
+    from rootflow.io.manifest import ManifestError, read_manifest, write_manifest
+
+    so = storage_from_cli(storage_option)
+    try:
+        table = read_manifest(uri, storage_options=so, experiment_config=experiment_config)
+    except ManifestError as e:
+        typer.echo(f"invalid: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"valid: {table.num_rows} rows")
+    if out:
+        write_manifest(table, out, storage_options=so)
+        typer.echo(f"written: {out}")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the top-level app."""
+    """Add ``rootflow manifest ...`` to the top-level app."""
+    app.add_typer(manifest_app, name="manifest")

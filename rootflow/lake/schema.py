@@ -1,0 +1,105 @@
+"""Arrow schemas of the three Delta tables: ``traits``, ``runs``, ``rejects``. One place, versioned.
+
+Rule for changes (why: readers in notebooks and dashboards outlive any one run of the code):
+schemas only grow. A new column is nullable and appended; nothing is renamed, retyped or
+dropped. Bump :data:`SCHEMA_VERSION` when a column is added; the writer adds it to an existing
+table through Delta schema evolution (``merge_schema`` / ``schema_mode="merge"``), old rows
+read it as null. A change that is not additive needs a new table, not a new version.
+
+The trait columns are not listed here: they come from :func:`rootflow.traits.trait_schema`
+(whatever :func:`rootflow.traits.measure` returns), so the traits code and the table cannot
+drift apart.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from rootflow.io.manifest import MANIFEST_SCHEMA
+
+SCHEMA_VERSION = 1
+
+TRAITS_PARTITION_BY: tuple[str, ...] = ("year", "tube", "depth")
+TRAITS_KEY: tuple[str, ...] = ("image_id", "model_name", "model_version")
+REJECTS_KEY: tuple[str, ...] = ("run_id", "image_id", "model_name")
+RUNS_KEY: tuple[str, ...] = ("run_id",)
+
+MODEL_NAMES: tuple[str, ...] = ("mask", "rootsam", "rootquant")
+"""Producers of traits rows: traits of given masks, of RootSAM masks, RootQuant regressions."""
+
+PRODUCER_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("rootquant_length_mm", pa.float64()),
+    pa.field("rootquant_area_mm2", pa.float64()),
+    pa.field("rootquant_presence", pa.float64()),
+    pa.field("confidence", pa.float64()),
+    pa.field("model_name", pa.string(), nullable=False),
+    pa.field("model_version", pa.string(), nullable=False),
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("processed_at", pa.timestamp("us"), nullable=False),
+    pa.field("params", pa.string()),
+)
+
+RUNS_SCHEMA = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("job_kind", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("started_at", pa.timestamp("us"), nullable=False),
+    pa.field("heartbeat_at", pa.timestamp("us")),
+    pa.field("finished_at", pa.timestamp("us")),
+    pa.field("manifest_uri", pa.string()),
+    pa.field("scope", pa.string()),
+    pa.field("config_json", pa.string()),
+    pa.field("model_versions_json", pa.string()),
+    pa.field("code_version", pa.string()),
+    pa.field("n_ok", pa.int64()),
+    pa.field("n_rejected", pa.int64()),
+    pa.field("schema_version", pa.int32()),
+])
+"""One row per run. ``config_json`` holds the resolved config with credentials redacted."""
+
+_REJECT_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("model_name", pa.string(), nullable=False),
+    pa.field("stage", pa.string(), nullable=False),
+    pa.field("reason", pa.string(), nullable=False),
+    pa.field("at", pa.timestamp("us"), nullable=False),
+)
+
+
+def _relaxed(field: pa.Field, keep_required: frozenset[str]) -> pa.Field:
+    return field if field.name in keep_required else field.with_nullable(True)
+
+
+def trait_fields(trait_schema: pa.Schema | None = None) -> list[pa.Field]:
+    """Trait columns (all nullable: a trait may be undefined, e.g. diameter of an empty mask)."""
+    if trait_schema is None:
+        from rootflow.traits import trait_schema as _trait_schema
+
+        trait_schema = _trait_schema()
+    clash = [f.name for f in trait_schema if f.name in MANIFEST_SCHEMA.names
+             or f.name in {p.name for p in PRODUCER_FIELDS}]
+    if clash:
+        raise ValueError(f"trait columns {clash} clash with manifest/producer columns")
+    return [f.with_nullable(True) for f in trait_schema]
+
+
+def traits_schema(trait_schema: pa.Schema | None = None) -> pa.Schema:
+    """Manifest columns + trait columns + producer columns (contracts.md).
+
+    ``mask_uri`` is the manifest's column reused: in a traits row it is the mask the traits
+    were measured on (the given mask, or the RootSAM mask written by the pipeline).
+    """
+    required = frozenset({"image_id", "image_uri", "file_name", "experiment", "tube", "window",
+                          "session", "captured_at", "year", "dpi", "depth_cm", "depth"})
+    fields = [_relaxed(f, required) for f in MANIFEST_SCHEMA]
+    fields += trait_fields(trait_schema)
+    fields += list(PRODUCER_FIELDS)
+    schema = pa.schema(fields)
+    return schema.with_metadata({"rootflow.schema_version": str(SCHEMA_VERSION)})
+
+
+def rejects_schema() -> pa.Schema:
+    """Manifest columns (all nullable: a reject may come from a half-read row) + reject fields."""
+    fields = [_relaxed(f, frozenset({"image_id"})) for f in MANIFEST_SCHEMA]
+    return pa.schema(fields + list(_REJECT_FIELDS)).with_metadata(
+        {"rootflow.schema_version": str(SCHEMA_VERSION)})
