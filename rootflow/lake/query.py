@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from rootflow.io.storage import StorageLike
-from rootflow.lake.tables import Lake, sql_literal
+from rootflow.lake.tables import Lake, sql_literal, string_field
 
 Engine = Literal["pandas", "polars", "duckdb", "arrow"]
 Filter = Sequence[tuple[str, str, Any]] | Sequence[Sequence[tuple[str, str, Any]]]
@@ -53,7 +53,7 @@ def latest_versions(lake: Lake | str, *, storage_options: StorageLike = None,
 def _versions_expr(versions: dict[str, str]) -> pc.Expression | None:
     expr = None
     for name, version in versions.items():
-        e = (pc.field("model_name") == name) & (pc.field("model_version") == version)
+        e = (string_field("model_name") == name) & (string_field("model_version") == version)
         expr = e if expr is None else (expr | e)
     return expr
 
@@ -99,7 +99,8 @@ def _row_filter(filters: Filter | None) -> pc.Expression | None:
 
 
 def _term(col: str, op: str, value: Any) -> pc.Expression:
-    f = pc.field(col)
+    values = value if isinstance(value, list | tuple | set) else [value]
+    f = string_field(col) if any(isinstance(v, str) for v in values) else pc.field(col)
     ops = {"=": f.__eq__, "==": f.__eq__, "!=": f.__ne__, "<": f.__lt__, "<=": f.__le__,
            ">": f.__gt__, ">=": f.__ge__}
     if op in ops:

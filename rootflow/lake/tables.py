@@ -279,7 +279,7 @@ class Lake:
         """
         if not self.exists("runs"):
             return None
-        expr = (pc.field("scope") == scope) & (pc.field("status") == "running")
+        expr = (string_field("scope") == scope) & (string_field("status") == "running")
         t = self.dataset("runs").to_table(columns=["run_id", "started_at", "heartbeat_at"],
                                           filter=expr)
         cutoff = utcnow() - dt.timedelta(seconds=ttl_s)
@@ -394,6 +394,17 @@ def _is_conflict(e: Exception) -> bool:
     msg = str(e).lower()
     return any(s in msg for s in ("version already exists", "already exists", "conflict",
                                   "concurrent", "precondition failed"))
+
+
+def string_field(name: str) -> pc.Expression:
+    """``pc.field(name)`` for a string column, safe to compare with a Python ``str``.
+
+    delta-rs's MERGE (DataFusion) writes strings as Arrow ``string_view`` in the Parquet files
+    while the table schema says ``string``; pyarrow then fails to evaluate ``field == "x"``
+    against those files ("no kernel matching (string, string_view)"). The cast is a no-op for
+    files written with plain strings.
+    """
+    return pc.field(name).cast(pa.string())
 
 
 def _to_dataset(dtable: Any, storage: StorageOptions, *, partitions: Any = None) -> Any:

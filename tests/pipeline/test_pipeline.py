@@ -48,6 +48,9 @@ def test_mask_traits_end_to_end_with_bad_rows(ray_local, tmp_path) -> None:
     assert traits["model_version"].nunique() == 1
     runs = lake.read("runs").to_pylist()
     assert [r["status"] for r in runs] == ["ok_with_rejects"]
+    # Analyst reads filter string columns of files written by MERGE (string_view in Parquet).
+    latest = lake.traits(engine="pandas", filters=[("model_name", "=", "mask")])
+    assert len(latest) == arch.n_rows - len(arch.bad_ids)
 
     # Re-running the same manifest skips the finished images and adds no rows.
     s2 = run(arch.manifest_uri, lake_uri, cfg, progress=False)
