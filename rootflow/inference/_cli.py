@@ -146,8 +146,8 @@ def register(app: typer.Typer) -> None:
         run overlapping another on the same scope waits or exits without work, and rows are
         merged, never duplicated. Exit codes as ``infer``.
         """
-        from rootflow.inference.sources import manifest_for_source
         from rootflow.inference.pipeline import format_summary, run
+        from rootflow.inference.sources import manifest_for_source
 
         so = storage_from_cli(storage_option)
         overrides = [*set_, f"wait_for_lease_s={wait_s}"]

@@ -26,7 +26,7 @@ def _schema_dir() -> Path:
     pytest.skip("KubeRay CRD schemas not found beside the repo (../shared/schemas/kuberay)")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _crd_schema(kind: str, version: str) -> dict:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 1 MB each
     crd = yaml.load((_schema_dir() / CRDS[kind]).read_text(), Loader=loader)
