@@ -1,0 +1,520 @@
+"""RootSAM inference: a pure-PyTorch predictor over whole scans, and its Ray Data stage.
+
+Flow per batch of images (read top to bottom in :meth:`RootSAMPredictor.predict`):
+
+1. every image -> uint8 RGB (:func:`rootflow.io.images.to_rgb8`: grey, RGBA, 16-bit) -> tiles
+   of the model's input size (:mod:`rootflow.inference.tiling`);
+2. tiles of *all* images in the batch go through the image encoder ``tile_batch_size`` at a
+   time (one big scan does not leave the accelerator idle between small ones);
+3. each tile is prompted without a human (:mod:`rootflow.inference.prompts`):
+
+   * ``lattice``: a fixed ``n x n`` lattice of single-point prompts; the per-point masks whose
+     predicted IoU is ``>= iou_threshold`` are max-merged (logits) into one root mask;
+   * ``auto``: the lattice pass gives a first probability map, from which EDT-weighted
+     positive and negative points are drawn (the same sampler training uses) and decoded as
+     one prompt set: the prompts the fine-tuned decoder was trained on;
+
+4. per-tile logits are upsampled to tile size and stitched with smooth blending, thresholded
+   at full image resolution.
+
+Confidence (for QC) is the mean predicted IoU of the masks that made the output (kept lattice
+masks, or the auto pass's one mask per tile); 0.0 when no lattice mask was kept.
+
+The prompt policy, tiling and model identity go into ``params`` (JSON in ``rootsam_params``)
+with every output, so a mask in the lake can always be traced to how it was made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from rootflow.inference.prompts import lattice_points, sample_edt_points
+from rootflow.inference.tiling import BlendKind, Stitcher, TileGrid, extract_tiles, make_grid
+from rootflow.io import storage
+from rootflow.io.images import encode_png, to_rgb8
+from rootflow.models.rootsam import ImageEmbeddings, RootSAM, build_rootsam
+
+log = logging.getLogger(__name__)
+
+STAGE = "rootsam"
+PromptMode = Literal["lattice", "auto"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+_EMPTY_LOGIT = -20.0  # "no root here" for a tile where no lattice mask was kept
+_LOGIT_CLAMP = 32.0  # as SAM2ImagePredictor clamps low-res logits
+_PSEUDO_LOGIT = 10.0  # |logit| given to a binary previous mask used as a mask prompt
+
+# Rough peak memory per 1024 px tile through the encoder (fp32, GiB), for automatic batch
+# sizes on CUDA. Halved under bf16/fp16 autocast. Conservative on purpose.
+_GIB_PER_TILE = {"hiera_tiny": 0.6, "hiera_small": 0.7, "hiera_base_plus": 1.0,
+                 "hiera_large": 2.0, "test": 0.05}
+
+
+@dataclasses.dataclass(frozen=True)
+class RootSAMInferenceConfig:
+    """Everything that decides a RootSAM mask (recorded with each output).
+
+    Attributes:
+        variant: SAM2.1 variant (``hiera_tiny|hiera_small|hiera_base_plus|hiera_large|test``).
+        base_checkpoint / base_sha256: URI and digest of Meta's SAM2.1 weights for ``variant``.
+            None = random init (loud warning; masks are meaningless).
+        rootsam_checkpoint / rootsam_sha256: the fine-tuned decoder (RootSAM checkpoint).
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``auto`` = bf16 autocast on CUDA (fp16 where bf16 is unsupported), fp32 on
+            CPU; or force ``fp32|bf16|fp16``.
+        compile: ``torch.compile`` the image encoder (CUDA only; slow first batch).
+        tile_overlap: px between tiles; None = ``image_size // 8``.
+        tile_batch_size: tiles per encoder call; 0 = automatic (2 on CPU, from free memory on
+            CUDA).
+        prompt_mode: ``lattice`` or ``auto`` (see the module docstring).
+        lattice_points_per_side: lattice is ``n x n`` points per tile.
+        iou_threshold: lattice masks with predicted IoU below this are dropped.
+        point_batch_size: lattice prompts decoded per decoder call (memory bound).
+        auto_n_pos / auto_n_neg / auto_threshold: EDT sampling from the first-pass map.
+        mask_threshold: logit threshold of the final mask.
+        blend: stitch weights (``cosine`` or ``linear``).
+        seed: seeds the auto-mode point sampling (results do not depend on batch order).
+        embedding_cache_tiles: tile embeddings kept for :meth:`RootSAMPredictor.refine`.
+    """
+
+    variant: str = "hiera_base_plus"
+    base_checkpoint: str | None = None
+    base_sha256: str | None = None
+    rootsam_checkpoint: str | None = None
+    rootsam_sha256: str | None = None
+    device: str = "auto"
+    precision: Precision = "auto"
+    compile: bool = False
+    tile_overlap: int | None = None
+    tile_batch_size: int = 0
+    prompt_mode: PromptMode = "auto"
+    lattice_points_per_side: int = 8
+    iou_threshold: float = 0.5
+    point_batch_size: int = 32
+    auto_n_pos: int = 8
+    auto_n_neg: int = 8
+    auto_threshold: float = 0.5
+    mask_threshold: float = 0.0
+    blend: BlendKind = "cosine"
+    seed: int = 0
+    embedding_cache_tiles: int = 64
+
+
+@dataclasses.dataclass
+class RootSAMResult:
+    """One image's RootSAM output.
+
+    Attributes:
+        mask: bool ``(H, W)`` at the input image's resolution.
+        confidence: QC score in [0, 1] (see the module docstring).
+        version: model version that produced it.
+        params: prompt policy, tiling and model identity (JSON-safe).
+        n_tiles: tiles the image was cut into.
+        n_masks: masks that made the output (kept lattice masks or one per tile in auto).
+        logits: float32 ``(H, W)`` stitched logits when asked for (a better mask prompt for
+            :meth:`RootSAMPredictor.refine` than the binary mask).
+    """
+
+    mask: np.ndarray
+    confidence: float
+    version: str
+    params: dict[str, Any]
+    n_tiles: int
+    n_masks: int
+    logits: np.ndarray | None = None
+
+
+@dataclasses.dataclass
+class _Prepared:
+    rgb: np.ndarray
+    grid: TileGrid
+    tiles: np.ndarray
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def _resolve_dtype(precision: Precision, device: torch.device) -> torch.dtype:
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+class RootSAMPredictor:
+    """RootSAM over whole images: tiling, automatic prompts, stitching, refinement by clicks.
+
+    Args:
+        config: the inference config.
+        model: an already built :class:`RootSAM` (tests, notebooks); otherwise one is built
+            from ``config`` (base + RootSAM checkpoints, sha256-checked).
+        storage_options: for ``s3://`` checkpoint URIs.
+    """
+
+    def __init__(self, config: RootSAMInferenceConfig | None = None, *,
+                 model: RootSAM | None = None,
+                 storage_options: storage.StorageLike = None) -> None:
+        self.config = cfg = config or RootSAMInferenceConfig()
+        self.device = _resolve_device(cfg.device)
+        if model is None:
+            model = build_rootsam(cfg.variant, base_checkpoint=cfg.base_checkpoint,
+                                  base_sha256=cfg.base_sha256,
+                                  rootsam_checkpoint=cfg.rootsam_checkpoint,
+                                  rootsam_sha256=cfg.rootsam_sha256,
+                                  storage_options=storage_options, device=self.device)
+        self.model = model.to(self.device).eval()
+        self.dtype = _resolve_dtype(cfg.precision, self.device)
+        if cfg.compile and self.device.type == "cuda":
+            self.model.sam.image_encoder = torch.compile(self.model.sam.image_encoder)
+        self.tile = self.model.image_size
+        self.overlap = cfg.tile_overlap
+        self.tile_batch_size = cfg.tile_batch_size or self._auto_tile_batch()
+        self._cache: OrderedDict[tuple[str, int], ImageEmbeddings] = OrderedDict()
+        if self.model.random_init:
+            log.warning("RootSAMPredictor: random-init model (%s): outputs are NOT root masks",
+                        self.model.version)
+
+    # ----------------------------------------------------------------- identity
+    @property
+    def version(self) -> str:
+        return self.model.version
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """JSON-safe description of how masks are made (stored as ``rootsam_params``)."""
+        c = self.config
+        p: dict[str, Any] = {
+            "prompt_mode": c.prompt_mode,
+            "lattice_points_per_side": c.lattice_points_per_side,
+            "iou_threshold": c.iou_threshold,
+            "mask_threshold": c.mask_threshold,
+            "tile_px": self.tile,
+            "tile_overlap_px": self._grid_overlap(),
+            "blend": c.blend,
+            "variant": self.model.variant.name,
+            "base_sha256": self.model.base_sha256,
+            "rootsam_version": self.model.rootsam_version,
+            "random_init": self.model.random_init,
+            "precision": str(self.dtype).removeprefix("torch."),
+        }
+        if c.prompt_mode == "auto":
+            p.update(auto_n_pos=c.auto_n_pos, auto_n_neg=c.auto_n_neg,
+                     auto_threshold=c.auto_threshold, seed=c.seed)
+        return p
+
+    # ----------------------------------------------------------------- main path
+    @torch.inference_mode()
+    def predict(self, images: Sequence[np.ndarray], *,
+                return_logits: bool = False) -> list[RootSAMResult]:
+        """Segment roots in each image (any size; grey/RGB/RGBA, 8/16-bit)."""
+        prepared = [self._prepare(img) for img in images]
+        stitchers = [Stitcher(p.grid, kind=self.config.blend) for p in prepared]
+        ious: list[list[float]] = [[] for _ in prepared]
+        jobs = [(i, k) for i, p in enumerate(prepared) for k in range(len(p.grid))]
+        for b0 in range(0, len(jobs), self.tile_batch_size):
+            chunk = jobs[b0:b0 + self.tile_batch_size]
+            emb = self._encode(np.stack([prepared[i].tiles[k] for i, k in chunk]))
+            for j, (i, k) in enumerate(chunk):
+                g = prepared[i].grid
+                valid = (min(g.tile, g.height - g.origins()[k][0]),
+                         min(g.tile, g.width - g.origins()[k][1]))
+                logits, tile_ious = self._segment_tile(emb.index(j), valid_hw=valid,
+                                                       seed=(g.height, g.width, k))
+                stitchers[i].add(k, self._upscale(logits))
+                ious[i].extend(tile_ious)
+        out = []
+        for p, st, iou in zip(prepared, stitchers, ious, strict=True):
+            full = st.result()
+            out.append(RootSAMResult(
+                mask=full > self.config.mask_threshold,
+                confidence=float(np.mean(iou)) if iou else 0.0,
+                version=self.version, params=self.params, n_tiles=len(p.grid),
+                n_masks=len(iou), logits=full if return_logits else None))
+        return out
+
+    def _prepare(self, image: np.ndarray) -> _Prepared:
+        rgb, _ = to_rgb8(np.asarray(image))
+        grid = make_grid(rgb.shape[0], rgb.shape[1], tile=self.tile, overlap=self.overlap)
+        return _Prepared(rgb, grid, extract_tiles(rgb, grid))
+
+    def _grid_overlap(self) -> int:
+        return make_grid(1, 1, tile=self.tile, overlap=self.overlap).overlap
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def _encode(self, tiles: np.ndarray) -> ImageEmbeddings:
+        with self._autocast():
+            return self.model.encode(self.model.preprocess(torch.from_numpy(tiles)))
+
+    def _decode(self, emb: ImageEmbeddings, points: np.ndarray, labels: np.ndarray, *,
+                repeat_image: bool, mask_input: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._autocast():
+            logits, iou, _ = self.model.decode(
+                emb, points=torch.from_numpy(points), labels=torch.from_numpy(labels),
+                mask_input=mask_input, repeat_image=repeat_image)
+        return logits.float().clamp_(-_LOGIT_CLAMP, _LOGIT_CLAMP), iou.float()
+
+    def _upscale(self, logits: torch.Tensor) -> np.ndarray:
+        """``(S/4, S/4)`` logits -> float32 numpy ``(S, S)``."""
+        return self.model.upscale(logits[None, None])[0, 0].cpu().numpy()
+
+    def _segment_tile(self, emb: ImageEmbeddings, *, valid_hw: tuple[int, int],
+                      seed: tuple[int, ...]) -> tuple[torch.Tensor, list[float]]:
+        """Prompt one tile; returns low-res logits ``(S/4, S/4)`` and the kept masks' IoUs."""
+        cfg = self.config
+        h, w = valid_hw  # the lattice spans the image part of the tile, never the padding
+        pts = lattice_points(h, w, n_per_side=cfg.lattice_points_per_side)
+        merged: torch.Tensor | None = None
+        kept: list[float] = []
+        for p0 in range(0, len(pts), cfg.point_batch_size):
+            p = pts[p0:p0 + cfg.point_batch_size, None, :]
+            logits, iou = self._decode(emb, p, np.ones(p.shape[:2], np.int32), repeat_image=True)
+            keep = iou[:, 0] >= cfg.iou_threshold
+            if keep.any():
+                best = logits[keep, 0].amax(dim=0)
+                merged = best if merged is None else torch.maximum(merged, best)
+                kept.extend(iou[keep, 0].tolist())
+        s4 = self.model.low_res_size
+        if merged is None:
+            merged = torch.full((s4, s4), _EMPTY_LOGIT, device=self.device)
+        if cfg.prompt_mode == "lattice":
+            return merged, kept
+        prob = torch.sigmoid(self.model.upscale(merged[None, None])[0, 0]).cpu().numpy()
+        rng = np.random.default_rng([cfg.seed, *seed])
+        points, labels = sample_edt_points(prob[:h, :w], n_pos=cfg.auto_n_pos,
+                                           n_neg=cfg.auto_n_neg, rng=rng,
+                                           threshold=cfg.auto_threshold)
+        logits, iou = self._decode(emb, points[None], labels[None], repeat_image=False)
+        return logits[0, 0], [float(iou[0, 0])]
+
+    def _auto_tile_batch(self) -> int:
+        if self.device.type != "cuda":
+            return 2
+        free, _ = torch.cuda.mem_get_info(self.device)
+        scale = (self.tile / 1024) ** 2 * (0.5 if self.dtype != torch.float32 else 1.0)
+        per_tile = _GIB_PER_TILE.get(self.model.variant.name, 2.0) * scale * 2**30
+        return int(max(1, min(32, (0.6 * free) // per_tile)))
+
+    # ----------------------------------------------------------------- refinement
+    def image_key(self, rgb: np.ndarray) -> str:
+        """Content key of an image for the embedding cache."""
+        h = hashlib.sha1(rgb.tobytes(), usedforsecurity=False)
+        return f"{rgb.shape}-{h.hexdigest()[:16]}"
+
+    def _tile_embedding(self, key: str, prep: _Prepared, k: int) -> ImageEmbeddings:
+        ck = (key, k)
+        if ck in self._cache:
+            self._cache.move_to_end(ck)
+            return self._cache[ck]
+        emb = self._encode(prep.tiles[k:k + 1])
+        if self.config.embedding_cache_tiles > 0:
+            self._cache[ck] = emb
+            while len(self._cache) > self.config.embedding_cache_tiles:
+                self._cache.popitem(last=False)
+        return emb
+
+    @torch.inference_mode()
+    def refine(
+        self,
+        image: np.ndarray,
+        *,
+        points: np.ndarray,
+        labels: np.ndarray,
+        previous: np.ndarray,
+        key: str | None = None,
+    ) -> tuple[RootSAMResult, list[int]]:
+        """Refine a previous mask with clicks; only tiles containing a click are re-run.
+
+        Each re-run tile is decoded with all clicks that fall in it (tile coordinates) and the
+        previous logits of that tile as SAM's mask prompt; other tiles keep the previous
+        logits and the stitch blends the two smoothly. Tile embeddings are cached (LRU of
+        ``embedding_cache_tiles``), so a second round of clicks on the same image skips the
+        encoder.
+
+        Args:
+            image: the image (any form :func:`to_rgb8` accepts).
+            points: ``(N, 2)`` xy clicks in image pixels (pixel centres: ``col + 0.5``).
+            labels: ``(N,)`` 1 = root here, 0 = not root.
+            previous: bool mask (``(H, W)``) or float logits (``RootSAMResult.logits``).
+            key: embedding-cache key (default: a hash of the image content).
+
+        Returns:
+            The refined result and the indices of the re-run tiles.
+        """
+        prep = self._prepare(image)
+        g = prep.grid
+        pts = np.asarray(points, np.float32).reshape(-1, 2)
+        labs = np.asarray(labels, np.int32).reshape(-1)
+        if len(pts) != len(labs):
+            raise ValueError(f"{len(pts)} points but {len(labs)} labels")
+        prev = np.asarray(previous)
+        if prev.shape != (g.height, g.width):
+            raise ValueError(f"previous mask is {prev.shape}, image is {(g.height, g.width)}")
+        if prev.dtype == np.bool_ or np.issubdtype(prev.dtype, np.integer):
+            prev_logits = np.where(prev > 0, _PSEUDO_LOGIT, -_PSEUDO_LOGIT).astype(np.float32)
+        else:
+            prev_logits = prev.astype(np.float32)
+        prev_tiles = extract_tiles(prev_logits, g, pad_value=-_PSEUDO_LOGIT)
+        inside = [(x, y) for x, y in pts if 0 <= x < g.width and 0 <= y < g.height]
+        if len(inside) != len(pts):
+            raise ValueError(f"{len(pts) - len(inside)} click(s) fall outside the "
+                             f"{g.width}x{g.height} image")
+        rerun = sorted({t for x, y in pts for t in g.tiles_containing(float(x), float(y))})
+        key = key or self.image_key(prep.rgb)
+        st = Stitcher(g, kind=self.config.blend)
+        ious: list[float] = []
+        s4 = self.model.low_res_size
+        for k, (y0, x0) in enumerate(g.origins()):
+            if k not in rerun:
+                st.add(k, prev_tiles[k])
+                continue
+            sel = [i for i, (x, y) in enumerate(pts) if k in g.tiles_containing(float(x),
+                                                                                float(y))]
+            tp = (pts[sel] - np.array([x0, y0], np.float32))[None]
+            mask_in = torch.from_numpy(prev_tiles[k])[None, None].to(self.device)
+            mask_in = torch.nn.functional.interpolate(mask_in, size=(s4, s4), mode="bilinear",
+                                                      antialias=True, align_corners=False)
+            emb = self._tile_embedding(key, prep, k)
+            logits, iou = self._decode(emb, tp, labs[sel][None], repeat_image=False,
+                                       mask_input=mask_in)
+            st.add(k, self._upscale(logits[0, 0]))
+            ious.append(float(iou[0, 0]))
+        full = st.result()
+        params = {**self.params, "refined_tiles": rerun, "n_clicks": len(pts)}
+        res = RootSAMResult(mask=full > self.config.mask_threshold,
+                            confidence=float(np.mean(ious)) if ious else math.nan,
+                            version=self.version, params=params, n_tiles=len(g),
+                            n_masks=len(ious), logits=full)
+        return res, rerun
+
+
+def model_version(config: RootSAMInferenceConfig | Mapping[str, Any], *,
+                  storage_options: storage.StorageLike = None) -> str:
+    """The version a :class:`RootSAMPredictor` built from ``config`` will report, without
+    building it (jobs need it before any actor starts, to skip images already done).
+
+    Reads the RootSAM checkpoint's metadata when one is set (a few MB); reads and hashes the
+    base checkpoint only when no base digest of at least 12 hex digits was given. The base
+    digest is *not* verified here: the actors do that when they load it.
+    """
+    from rootflow.models import checkpoint as ckptlib
+    from rootflow.models._sam2_configs import get_variant
+    from rootflow.models.rootsam import RANDOM_INIT, load_rootsam_checkpoint
+
+    if isinstance(config, Mapping):
+        from rootflow.config import from_dict
+
+        config = from_dict(RootSAMInferenceConfig, config)
+    if config.rootsam_checkpoint:
+        return load_rootsam_checkpoint(config.rootsam_checkpoint, sha256=config.rootsam_sha256,
+                                       storage_options=storage_options).version
+    variant = get_variant(config.variant).name
+    if not config.base_checkpoint:
+        return f"sam2.1_{variant}@{RANDOM_INIT}"
+    digest = (config.base_sha256 or "").lower()
+    if len(digest) < 12:
+        digest = ckptlib.sha256_bytes(ckptlib.read_verified(
+            config.base_checkpoint, sha256=config.base_sha256, storage_options=storage_options))
+    return f"sam2.1_{variant}@{digest[:12]}"
+
+
+# --------------------------------------------------------------------------- Ray Data stage
+class RootSAMStage:
+    """Ray Data callable class: adds RootSAM columns to ``batch_format="numpy"`` batches.
+
+    Use it as ``ds.map_batches(RootSAMStage, fn_constructor_kwargs={"config": cfg,
+    "storage_options": so.to_dict()}, compute=ray.data.ActorPoolStrategy(size=n),
+    num_gpus=1, batch_size=4)``: the model loads once per actor. Adds ``rootsam_mask_png``
+    (PNG bytes, 0/255, full size), ``rootsam_confidence`` (float64), ``rootsam_model_version``
+    and ``rootsam_params`` (JSON). Rows whose ``error`` is set pass through; a row that fails
+    here gets ``error = "rootsam: <Type>: <msg>"`` and null outputs, and never fails the batch.
+    """
+
+    def __init__(self, config: RootSAMInferenceConfig | Mapping[str, Any] | None = None, *,
+                 storage_options: storage.StorageLike = None) -> None:
+        if isinstance(config, Mapping):
+            from rootflow.config import from_dict
+
+            config = from_dict(RootSAMInferenceConfig, config)
+        self.predictor = RootSAMPredictor(config, storage_options=storage_options)
+        self._params = json.dumps(self.predictor.params, sort_keys=True)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            return self._run(batch)
+
+    def _run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["image_id"])
+        # An all-null ``error`` column reaches numpy batches as float NaN (Arrow null type),
+        # not None: only a non-empty string is an error.
+        errors: list[str | None] = ([e if isinstance(e, str) and e else None
+                                     for e in batch["error"]] if "error" in batch
+                                    else [None] * n)
+        masks: list[bytes | None] = [None] * n
+        conf = np.full(n, np.nan, np.float64)
+        versions: list[str | None] = [None] * n
+        params: list[str | None] = [None] * n
+        todo = [i for i in range(n) if errors[i] is None]
+        images = batch["image"]
+        results: dict[int, RootSAMResult | BaseException] = {}
+        try:
+            for i, res in zip(todo, self.predictor.predict([images[i] for i in todo]),
+                              strict=True):
+                results[i] = res
+        except Exception:  # isolate the bad row(s): one at a time
+            for i in todo:
+                try:
+                    results[i] = self.predictor.predict([images[i]])[0]
+                except Exception as e:
+                    results[i] = e
+        for i, got in results.items():
+            if isinstance(got, BaseException):
+                errors[i] = f"{STAGE}: {type(got).__name__}: {got}"
+                continue
+            r = got
+            try:
+                masks[i] = encode_png(r.mask)
+            except Exception as e:
+                errors[i] = f"{STAGE}: {type(e).__name__}: {e}"
+                continue
+            conf[i] = r.confidence
+            versions[i] = r.version
+            params[i] = self._params
+        out = dict(batch)
+        out["error"] = _objects(errors)
+        out["rootsam_mask_png"] = _objects(masks)
+        out["rootsam_confidence"] = conf
+        out["rootsam_model_version"] = _objects(versions)
+        out["rootsam_params"] = _objects(params)
+        return out
+
+
+def _objects(values: Sequence[Any]) -> np.ndarray:
+    arr = np.empty(len(values), dtype=object)
+    arr[:] = list(values)
+    return arr
