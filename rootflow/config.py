@@ -90,12 +90,16 @@ def override(cfg: T, overrides: Iterable[str]) -> T:
             raise ValueError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
         node = data
+        tp: Any = type(cfg)  # the dataclass (or free-form dict) that ``node`` mirrors
         parts = key.split(".")
         for p in parts[:-1]:
             if p not in node or not isinstance(node[p], dict):
                 raise ValueError(f"unknown config section {p!r} in override {item!r}")
             node = node[p]
-        if parts[-1] not in node:
+            tp = typing.get_type_hints(tp).get(p, dict) if dataclasses.is_dataclass(tp) else dict
+        # Dataclass sections are strict; a free-form dict field (model settings passed through
+        # to another config) accepts new keys.
+        if parts[-1] not in node and dataclasses.is_dataclass(tp):
             raise ValueError(f"unknown config key {key!r}; valid: {sorted(node)}")
         node[parts[-1]] = yaml.safe_load(raw)
     return from_dict(type(cfg), data)

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -64,11 +64,39 @@ class LocalCluster:
                    if n.state == "ALIVE")
 
 
-def _start(args: list[str], log: Path) -> subprocess.Popen:
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+#: Ray 2.60 turns on token authentication for `ray start --head`; this loopback test cluster
+#: runs without it (every node, the driver and the job client must agree).
+CLUSTER_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled"}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, **CLUSTER_ENV)
     env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    env = _env()
     return subprocess.Popen([RAY, "start", "--block", *args], stdout=log.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+
+def _wait_nodes(cl: LocalCluster, n: int, tmp: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if cl.alive_nodes() >= n:
+                return
+        except Exception:
+            pass
+        dead = [p for p in [cl.head, *cl.workers] if p.poll() is not None]
+        if time.monotonic() > deadline or dead:
+            logs = "\n".join(p.read_text()[-2000:] for p in Path(tmp).glob("*.log"))
+            for p in [cl.head, *cl.workers]:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+            raise RuntimeError(f"local cluster did not reach {n} nodes:\n{logs}")
+        time.sleep(1)
 
 
 @pytest.fixture(scope="module")
@@ -81,27 +109,17 @@ def cluster() -> Iterator[LocalCluster]:
                    "--num-cpus=0", "--object-store-memory=200000000", f"--temp-dir={tmp}",
                    *_node_ports()], Path(tmp) / "head.log")
     gcs = f"127.0.0.1:{gcs_port}"
-    workers = [
-        _start([f"--address={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
-                "--object-store-memory=200000000", *_node_ports()], Path(tmp) / f"worker{i}.log")
-        for i in range(2)
-    ]
     cl = LocalCluster(gcs_address=gcs, dashboard_url=f"http://127.0.0.1:{dash_port}", head=head,
-                      workers=workers, temp_dir=tmp)
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if cl.alive_nodes() == 3:
-                break
-        except Exception:
-            pass
-        if time.monotonic() > deadline or head.poll() is not None:
-            logs = "\n".join(p.read_text()[-2000:] for p in Path(tmp).glob("*.log"))
-            for p in [head, *workers]:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-            raise RuntimeError(f"local cluster did not come up:\n{logs}")
-        time.sleep(1)
+                      workers=[], temp_dir=tmp)
+    # Nodes join one at a time: a node picks the first free socket name in the shared session
+    # dir (plasma_store.1, .2, ...), so two nodes starting at once would race for the same one.
+    for i in range(3):
+        if i:
+            cl.workers.append(_start([f"--address={gcs}", "--node-ip-address=127.0.0.1",
+                                      "--num-cpus=4", "--object-store-memory=200000000",
+                                      *_node_ports()], Path(tmp) / f"worker{i - 1}.log"))
+        _wait_nodes(cl, i + 1, tmp)
+    workers = cl.workers
     try:
         yield cl
     finally:
@@ -115,10 +133,17 @@ def cluster() -> Iterator[LocalCluster]:
                 os.killpg(p.pid, signal.SIGKILL)
 
 
-def _wait_rows(lake_uri: str, n: int, timeout: float) -> int:
-    """Wait until the traits table has at least ``n`` rows; return the count."""
+def _wait_rows(lake_uri: str, n: int, timeout: float,
+               alive: Callable[[], str | None] = lambda: None) -> int:
+    """Wait until the traits table has at least ``n`` rows; return the count.
+
+    ``alive()`` returns an error text when the producer died (then we stop waiting).
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        problem = alive()
+        if problem:
+            raise AssertionError(problem)
         try:
             rows = Lake(lake_uri).read("traits").num_rows
             if rows >= n:
@@ -138,6 +163,7 @@ def _assert_complete(lake_uri: str, n_images: int, producers: tuple[str, ...]) -
 
 
 INFER_ARGS = ["--producers", "mask,rootsam", "--rootsam-config", "test",
+              "--set", "rootsam.prompt_mode=lattice", "--set", "rootsam.lattice_points_per_side=4",
               "--set", "commit_every=4", "--set", "resources.block_rows=2",
               "--set", "resources.model_batch_size=1"]
 
@@ -150,12 +176,18 @@ def test_submit_job_and_survive_a_dead_worker_node(cluster: LocalCluster, tmp_pa
     summary = tmp_path / "summary.json"
     client = JobSubmissionClient(cluster.dashboard_url)
     job = client.submit_job(
-        entrypoint=" ".join(["python", "jobs/infer.py", arch.manifest_uri, lake_uri, *INFER_ARGS,
+        entrypoint=" ".join([sys.executable, "jobs/infer.py", arch.manifest_uri, lake_uri, *INFER_ARGS,
                              "--summary-json", str(summary)]),
         runtime_env={"working_dir": str(ROOT),
                      "excludes": [".venv/", ".git/", "demo-output/", "**/__pycache__/"]},
     )
-    _wait_rows(lake_uri, 4, timeout=300)
+    def job_alive() -> str | None:
+        status = client.get_job_status(job)
+        if status in {JobStatus.FAILED, JobStatus.STOPPED, JobStatus.SUCCEEDED}:
+            return f"job {status} before rows appeared:\n{client.get_job_logs(job)[-4000:]}"
+        return None
+
+    _wait_rows(lake_uri, 4, timeout=400, alive=job_alive)
     assert client.get_job_status(job) == JobStatus.RUNNING, "job ended before the node was killed"
     cluster.kill_node(cluster.workers[0])
     deadline = time.monotonic() + 420
@@ -176,13 +208,15 @@ def test_killed_driver_rerun_finishes_without_duplicates(cluster: LocalCluster, 
     lake_uri = str(tmp_path / "lake")
     cmd = [sys.executable, str(ROOT / "jobs" / "infer.py"), arch.manifest_uri, lake_uri,
            *INFER_ARGS, "--address", cluster.gcs_address, "--set", "lease_ttl_s=2"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
+    env = _env()
     log = (tmp_path / "driver1.log").open("w")
     first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                              start_new_session=True)
     try:
-        rows_at_kill = _wait_rows(lake_uri, 4, timeout=300)
+        rows_at_kill = _wait_rows(
+            lake_uri, 4, timeout=400,
+            alive=lambda: None if first.poll() is None else
+            f"driver exited {first.returncode}:\n{(tmp_path / 'driver1.log').read_text()[-4000:]}")
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(30)

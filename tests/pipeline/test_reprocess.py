@@ -70,3 +70,20 @@ def test_reprocess_cli_lists_archive_again_and_respects_dates(ray_local, tmp_pat
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["n_images"] == 1 and s["n_skipped"] == 4
     assert Lake(lake_uri).read("traits").num_rows == 5
+
+
+def test_infer_cli_exit_code_and_overrides(ray_local, tmp_path) -> None:
+    """`rootflow infer`: exit code 3 when rows were rejected; --set reaches nested settings."""
+    arch = small_archive(str(tmp_path), n_images=2)
+    lake_uri = str(tmp_path / "lake")
+    res = CliRunner().invoke(app, [
+        "infer", arch.manifest_uri, lake_uri, "--producers", "mask",
+        "--set", "commit_every=2", "--set", "rootsam.lattice_points_per_side=4",
+        "--set", "trait_options.prune_px=2.0", "--summary-json", str(tmp_path / "s.json")])
+    assert res.exit_code == 3, res.output
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["n_images_rejected"] == len(arch.bad_ids) and s["commits"] >= 2
+    assert "rejected" in res.output and "reject reasons" in res.output
+    traits = Lake(lake_uri).read("traits").to_pylist()
+    assert {r["prune_px"] for r in traits} == {2.0}
+    assert all(r["model_version"].startswith("traits-") for r in traits)
