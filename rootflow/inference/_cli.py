@@ -27,11 +27,36 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, quiet: bool = 
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
+        _leave_ray_working_dir()
         ray.init(address=address, log_to_driver=not quiet)
         return
     cpus = num_cpus or max(4, 2 * (os.cpu_count() or 2))
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=not quiet,
              configure_logging=False)
+
+
+def _leave_ray_working_dir() -> None:
+    """Move a ``ray job submit`` driver out of Ray's copy of the job's ``working_dir``.
+
+    Ray's runtime-env agent deletes and re-fetches a cached ``working_dir`` when it sets the same
+    URI up again (ray-project/ray#49313), which can happen under a running driver, leaving it in
+    a deleted directory. Libraries then fail in odd ways: oneMKL (inside torch) aborts the
+    process with "Cannot load libtorch_cpu.so" at its first call. The driver moves into a
+    private copy of the directory, so paths relative to the working dir keep working.
+    """
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        return
+    marker = f"{os.sep}runtime_resources{os.sep}working_dir_files{os.sep}"
+    if marker not in cwd + os.sep:
+        return
+    import shutil
+    import tempfile
+
+    copy = os.path.join(tempfile.mkdtemp(prefix="rootflow-job-"), os.path.basename(cwd))
+    shutil.copytree(cwd, copy, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    os.chdir(copy)
 
 
 def build_config(*, producers: str, config_file: str | None, overrides: list[str] | None,

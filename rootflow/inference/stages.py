@@ -371,7 +371,8 @@ def _producer_record(batch: Batch, i: int, producer: str, base: dict[str, Any],
                     "rootquant_presence": float(batch["rootquant_presence"][i]),
                     "model_version": str(batch["rootquant_model_version"][i]),
                     "mask_uri": None,
-                    "params": json.dumps({"source": "regression from image"})})
+                    "params": _opt(batch, "rootquant_params", i)
+                    or json.dumps({"source": "regression from image"})})
         return "traits", rec
     raise ValueError(f"unknown producer {producer!r}")
 

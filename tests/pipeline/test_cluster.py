@@ -8,6 +8,7 @@ node dying (raylet, object store and workers at once), not a polite shutdown.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -101,6 +102,13 @@ def _wait_nodes(cl: LocalCluster, n: int, tmp: str, timeout: float = 180) -> Non
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalCluster]:
+    with local_cluster() as cl:
+        yield cl
+
+
+@contextlib.contextmanager
+def local_cluster() -> Iterator[LocalCluster]:
+    """A head (no CPUs: it only runs drivers) and two 4-CPU worker nodes on loopback."""
     tmp = tempfile.mkdtemp(prefix="rf-cl-", dir="/tmp")
     gcs_port, dash_port = _port(), _port()
     head = _start(["--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
