@@ -1,0 +1,232 @@
+"""RootQuant model: head/target transform, zero inflation, tiling, calibration, checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rootflow.models import checkpoint
+from rootflow.models import rootquant as rq
+from rootflow.models.registry import create_model, list_models
+from tests.training._rootquant_helpers import root_image
+
+TINY = rq.RootQuantConfig(backbone="resnet10t", tile_px=64, mm_per_px=0.5, head_hidden=32)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> rq.RootQuant:
+    torch.manual_seed(0)
+    return rq.RootQuant(TINY).eval()
+
+
+def _predict(model: rq.RootQuant, image: np.ndarray, dpi: float) -> rq.RootQuantOutput:
+    tiles = torch.from_numpy(model.tiles_for(image, dpi=dpi))
+    with torch.no_grad():
+        return model(tiles, torch.zeros(len(tiles), dtype=torch.long), 1)
+
+
+# -- head and target transform ------------------------------------------------------------------
+def test_target_transform_round_trip_including_zero() -> None:
+    y = torch.tensor([0.0, 1e-4, 0.5, 3.0, 250.0, 1e5], dtype=torch.float64)
+    for scale in (1.0, 10.0):
+        t = rq.target_transform(y, scale)
+        assert t[0] == 0.0
+        assert torch.allclose(rq.inverse_target_transform(t, scale), y, rtol=1e-9, atol=1e-12)
+    assert torch.all(torch.diff(rq.target_transform(y)) > 0)  # monotone
+
+
+def test_aggregate_tiles_is_a_hurdle_sum() -> None:
+    raw = torch.tensor([[0.0, math.log(10.0), math.log(4.0)],
+                        [2.0, math.log(30.0), math.log(6.0)],
+                        [-1.0, math.log(8.0), math.log(2.0)]])
+    index = torch.tensor([0, 0, 1])
+    length, area, logit = rq.aggregate_tiles(raw, index, 3)  # image 2 has no tiles
+    p = torch.sigmoid(raw[:, 0])
+    assert length[0].item() == pytest.approx((p[0] * 10 + p[1] * 30).item(), rel=1e-5)
+    assert area[1].item() == pytest.approx((p[2] * 2).item(), rel=1e-5)
+    p_img0 = 1 - (1 - p[0]) * (1 - p[1])
+    assert torch.sigmoid(logit[0]).item() == pytest.approx(p_img0.item(), rel=1e-5)
+    assert length[2].item() == 0.0 and torch.sigmoid(logit[2]).item() < 1e-4
+
+
+def test_head_starts_at_configured_magnitude() -> None:
+    head = rq.HurdleHead(16, hidden=8, init_length=20.0, init_area=5.0)
+    out = head(torch.zeros(4, 16))
+    assert torch.exp(out[:, 1]).mean().item() == pytest.approx(20.0, rel=0.3)
+    assert torch.exp(out[:, 2]).mean().item() == pytest.approx(5.0, rel=0.3)
+
+
+# -- zero inflation -----------------------------------------------------------------------------
+def test_loss_handles_empty_batch_and_all_zero_labels() -> None:
+    raw = torch.zeros(0, 3, requires_grad=True)
+    out = rq.RootQuantOutput(torch.zeros(0), torch.zeros(0), torch.zeros(0), raw)
+    loss, parts = rq.rootquant_loss(out, torch.zeros(0), torch.zeros(0))
+    loss.backward()
+    assert loss.item() == 0.0 and parts["loss_length"] == 0.0
+
+    zeros = torch.zeros(3)
+    for presence_bias, expect_small in ((-12.0, True), (6.0, False)):
+        tile = torch.tensor([[presence_bias, math.log(50.0), math.log(20.0)]] * 3)
+        length, area, logit = rq.aggregate_tiles(tile, torch.arange(3), 3)
+        out = rq.RootQuantOutput(length, area, logit, tile)
+        loss, _ = rq.rootquant_loss(out, zeros, zeros)
+        assert math.isfinite(loss.item())
+        assert (loss.item() < 1e-3) == expect_small  # "no root" predicted: nothing to pay
+
+
+def test_hurdle_fits_zero_inflated_targets() -> None:
+    """Free per-image tile outputs fitted by the loss: zeros become ~0 with low presence,
+    positives reach their value: the head can express both sides of the hurdle."""
+    torch.manual_seed(0)
+    target = torch.tensor([0.0, 0.0, 50.0, 0.0, 3.0, 400.0])
+    raw = torch.nn.Parameter(torch.zeros(len(target), 3))
+    opt = torch.optim.Adam([raw], lr=0.1)
+    idx = torch.arange(len(target))
+    for _ in range(600):
+        length, area, logit = rq.aggregate_tiles(raw, idx, len(target))
+        loss, _ = rq.rootquant_loss(rq.RootQuantOutput(length, area, logit, raw),
+                                    target, target / 2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    presence = torch.sigmoid(logit).detach()
+    assert torch.all((presence > 0.5) == (target > 0))
+    pos = target > 0
+    assert torch.allclose(length.detach()[pos], target[pos], rtol=0.1)
+    assert torch.all(length.detach()[~pos] < 0.5)
+
+
+# -- tiling and calibration ---------------------------------------------------------------------
+def test_tile_image_covers_image_once_with_fill() -> None:
+    img = np.random.default_rng(0).integers(0, 255, (70, 130, 3), dtype=np.uint8)
+    tiles = rq.tile_image(img, tile_px=64, fill=(1, 2, 3))
+    assert tiles.shape == (2 * 3, 3, 64, 64)
+    grid = tiles.reshape(2, 3, 3, 64, 64).transpose(0, 3, 1, 4, 2).reshape(128, 192, 3)
+    np.testing.assert_array_equal(grid[:70, :130], img)
+    assert (grid[70:, :, 0] == 1).all() and (grid[:, 130:, 2] == 3).all()
+    shifted = rq.tile_image(img, tile_px=64, offset=(10, 60))
+    assert shifted.shape[0] == 2 * 3
+    g2 = shifted.reshape(2, 3, 3, 64, 64).transpose(0, 3, 1, 4, 2).reshape(128, 192, 3)
+    np.testing.assert_array_equal(g2[10:80, 60:190], img)
+
+
+def test_to_model_scale_follows_dpi() -> None:
+    img = np.zeros((100, 200, 3), np.uint8)
+    assert rq.to_model_scale(img, dpi=254, mm_per_px=0.1).shape == (100, 200, 3)
+    assert rq.to_model_scale(img, dpi=127, mm_per_px=0.1).shape == (200, 400, 3)
+    assert rq.to_model_scale(img, dpi=508, mm_per_px=0.1).shape == (50, 100, 3)
+    with pytest.raises(ValueError, match="dpi"):
+        rq.to_model_scale(img, dpi=float("nan"), mm_per_px=0.1)
+
+
+def test_same_scene_at_two_dpi_gives_comparable_mm(tiny: rq.RootQuant) -> None:
+    """Calibration by construction: a scene at 101.6 dpi and the same scene at twice the
+    resolution reach the network as (nearly) the same pixels, so the mm agree."""
+    import cv2
+
+    img, _, _, _ = root_image(3, height=128, width=192, empty=False)
+    hi = cv2.resize(img, (384, 256), interpolation=cv2.INTER_CUBIC)
+    lo_out = _predict(tiny, img, 101.6)
+    hi_out = _predict(tiny, hi, 203.2)
+    assert hi_out.length_mm.item() == pytest.approx(lo_out.length_mm.item(), rel=0.05)
+    assert hi_out.area_mm2.item() == pytest.approx(lo_out.area_mm2.item(), rel=0.05)
+    # A model that ignored dpi would see 4x the tiles in the high-resolution image.
+    assert len(tiny.tiles_for(hi, dpi=203.2)) == len(tiny.tiles_for(img, dpi=101.6))
+
+
+def test_outputs_are_additive_over_tiles(tiny: rq.RootQuant) -> None:
+    img, _, _, _ = root_image(5, height=64, width=64, empty=False)
+    one = _predict(tiny, img, 25.4 / 0.5)  # exactly the model scale: one tile
+    two = _predict(tiny, np.concatenate([img, img], axis=1), 25.4 / 0.5)
+    assert two.length_mm.item() == pytest.approx(2 * one.length_mm.item(), rel=1e-4)
+    assert two.area_mm2.item() == pytest.approx(2 * one.area_mm2.item(), rel=1e-4)
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+def test_checkpoint_round_trip_local(tmp_path, tiny: rq.RootQuant) -> None:
+    uri = str(tmp_path / "rq.pt")
+    sha = rq.save(tiny, uri, meta={"note": "unit test"})
+    back = rq.load(uri, sha256=sha)
+    assert back.config == tiny.config
+    assert back.version == f"rootquant@{sha[:12]}" == rq.version_from_sha256(sha)
+    assert back.meta["note"] == "unit test"
+    img, _, _, _ = root_image(1, empty=False)
+    a, b = _predict(tiny, img, 100.0), _predict(back.eval(), img, 100.0)
+    assert torch.equal(a.length_mm, b.length_mm) and torch.equal(a.presence_logit, b.presence_logit)
+
+
+def test_checkpoint_sha_mismatch_and_bad_files(tmp_path, tiny: rq.RootQuant) -> None:
+    uri = str(tmp_path / "rq.pt")
+    sha = rq.save(tiny, uri)
+    wrong = ("0" if sha[0] != "0" else "1") + sha[1:]
+    with pytest.raises(checkpoint.ChecksumError, match="sha256 mismatch"):
+        rq.load(uri, sha256=wrong)
+    other = str(tmp_path / "other.pt")
+    checkpoint.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(ValueError, match="not a RootQuant checkpoint"):
+        rq.load(other)
+    obj = checkpoint.load(uri)
+    obj["state_dict"].pop("head.fc2.bias")
+    obj["state_dict"]["head.extra"] = torch.zeros(1)
+    checkpoint.save(obj, str(tmp_path / "bad.pt"))
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="head.fc2.bias"):
+        rq.load(str(tmp_path / "bad.pt"))
+
+
+@pytest.mark.s3
+def test_checkpoint_round_trip_s3(s3, tiny: rq.RootQuant) -> None:
+    uri = s3.fresh_prefix("rootquant") + "/model.pt"
+    sha = rq.save(tiny, uri, storage_options=s3.storage)
+    back = rq.load(uri, sha256=sha[:16], storage_options=s3.storage)
+    assert back.version == f"rootquant@{sha[:12]}"
+    for k, v in tiny.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+    with pytest.raises(checkpoint.ChecksumError):
+        rq.load(uri, sha256="deadbeefdeadbeef", storage_options=s3.storage)
+
+
+def test_backbone_weights_from_uri_drop_classifier(tmp_path) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    donor = timm.create_model("resnet10t", pretrained=False)  # with its 1000-class fc
+    pth = str(tmp_path / "resnet10t.pth")
+    sha = checkpoint.save(donor.state_dict(), pth)
+    model = rq.build(rq.RootQuantConfig(backbone="resnet10t", tile_px=64,
+                                        backbone_weights_uri=pth, backbone_weights_sha256=sha))
+    assert torch.equal(model.backbone.conv1[0].weight, donor.conv1[0].weight)
+    st = str(tmp_path / "resnet10t.safetensors")
+    save_file({k: v.contiguous() for k, v in donor.state_dict().items()}, st)
+    fresh = rq.RootQuant(rq.RootQuantConfig(backbone="resnet10t", tile_px=64))
+    assert fresh.load_backbone_weights(st) == ["fc.bias", "fc.weight"]
+    assert torch.equal(fresh.backbone.conv1[0].weight, donor.conv1[0].weight)
+    wrong = str(tmp_path / "mobilenet.pth")
+    checkpoint.save(timm.create_model("mobilenetv3_small_050", pretrained=False).state_dict(), wrong)
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="missing keys"):
+        fresh.load_backbone_weights(wrong)
+
+
+# -- registry and the full-size backbone --------------------------------------------------------
+def test_registry_factories() -> None:
+    assert {"rootquant", "rootquant_small"} <= set(list_models())
+    small = create_model("rootquant_small", mm_per_px=0.2)
+    assert small.config.backbone == "resnet10t" and small.tile_px == 128
+    with pytest.raises(KeyError, match="rootquant_small"):
+        create_model("rootquant_tiny_typo")
+    mobile = create_model("rootquant", backbone="mobilenetv3_small_050", tile_px=64).eval()
+    out = _predict(mobile, np.zeros((64, 64, 3), np.uint8), 25.4 / 0.1)
+    assert out.tile_raw.shape == (1, 3)  # head sized from timm's pre-logits width (1024)
+
+
+def test_inception_resnet_v2_builds_and_runs_one_tile() -> None:
+    model = rq.RootQuant().eval()
+    assert model.config.backbone == "inception_resnet_v2" and model.tile_px == 299
+    assert model.config.mean == (0.5, 0.5, 0.5)
+    assert sum(p.numel() for p in model.parameters()) > 50_000_000
+    img = np.full((250, 250, 3), 120, np.uint8)  # 250 px at 254 dpi -> one 299 px tile
+    out = _predict(model, img, 254.0)
+    assert out.tile_raw.shape == (1, 3) and torch.isfinite(out.length_mm).all()

@@ -1,0 +1,150 @@
+"""RootQuant labels (tables, Delta traits, masks) and regression metrics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from rootflow.training import labels
+from rootflow.training import regression_metrics as rm
+from tests.training._rootquant_helpers import root_image
+
+
+# -- metrics ------------------------------------------------------------------------------------
+def test_metrics_values() -> None:
+    t = np.array([0.0, 10.0, 20.0, 30.0])
+    assert rm.r2(t, t) == 1.0
+    assert rm.r2(np.full(4, t.mean()), t) == pytest.approx(0.0)
+    assert math.isnan(rm.r2([1.0, 2.0], [3.0, 3.0]))  # constant truth
+    assert math.isnan(rm.mae([], []))
+    p = t + np.array([1.0, -1.0, 3.0, 1.0])
+    assert rm.mae(p, t) == 1.5
+    assert rm.rmse(p, t) == pytest.approx(math.sqrt(3.0))
+    assert rm.bias(p, t) == 1.0
+    assert rm.r2([np.nan, 1.0, 2.0], [5.0, 1.0, 2.0]) == 1.0  # NaN rows ignored
+    assert rm.presence_accuracy([0.9, 0.2, 0.6, 0.4], [3.0, 0.0, 0.0, 1.0]) == 0.5
+    with pytest.raises(ValueError, match="differ in length"):
+        rm.mae([1.0], [1.0, 2.0])
+
+
+def test_sums_merge_to_exact_metrics() -> None:
+    rng = np.random.default_rng(0)
+    t = rng.gamma(1.0, 30.0, 50)
+    p = t + rng.normal(0, 5, 50)
+    a = rm.regression_sums(p[:17], t[:17], prefix="length_")
+    b = rm.regression_sums(p[17:], t[17:], prefix="length_")
+    merged = rm.metrics_from_sums({k: a[k] + b[k] for k in a}, prefix="length_", unit="mm")
+    report = rm.regression_report(pred_length_mm=p, true_length_mm=t, pred_area_mm2=p,
+                                  true_area_mm2=t)
+    for key in ("length_r2", "length_mae_mm", "length_rmse_mm", "length_bias_mm"):
+        assert merged[key] == pytest.approx(report[key], rel=1e-9), key
+
+
+# -- label tables -------------------------------------------------------------------------------
+def test_read_labels_maps_columns_units_and_paths(tmp_path) -> None:
+    pacsv.write_csv(pa.table({"File": ["a.jpg", "sub/b.jpg"], "TotLength(cm)": [1.5, 0.0],
+                              "ProjArea(cm2)": [0.02, 0.0], "DPI": [300, 300]}),
+                    tmp_path / "export.csv")
+    cols = labels.LabelColumns(image="File", length="TotLength(cm)", area="ProjArea(cm2)",
+                               dpi="DPI", length_unit="cm", area_unit="cm2")
+    t = labels.read_labels(str(tmp_path / "export.csv"), columns=cols)
+    assert t.schema == labels.LABEL_SCHEMA
+    assert t["image_uri"].to_pylist() == [str(tmp_path / "a.jpg"), str(tmp_path / "sub/b.jpg")]
+    assert t["length_mm"].to_pylist() == [15.0, 0.0]
+    assert t["area_mm2"].to_pylist() == pytest.approx([2.0, 0.0])
+    assert t["dpi"].to_pylist() == [300.0, 300.0]
+
+    pq.write_table(pa.table({"image_uri": ["s3://b/x.png"], "length_mm": [3.0],
+                             "area_mm2": [1.0]}), tmp_path / "l.parquet")
+    t2 = labels.read_labels(str(tmp_path / "l.parquet"))
+    assert t2["image_uri"].to_pylist() == ["s3://b/x.png"] and t2["dpi"].null_count == 1
+    with pytest.raises(labels.LabelError, match="no dpi"):
+        labels.require_dpi(t2)
+    assert labels.fill_dpi(t2, 150.0)["dpi"].to_pylist() == [150.0]
+
+
+def test_label_errors_name_columns_and_rows(tmp_path) -> None:
+    raw = pa.table({"image_uri": ["a", "b", "c"], "length_mm": [1.0, -2.0, 3.0],
+                    "area": [1.0, 1.0, 1.0]})
+    with pytest.raises(labels.LabelError, match=r"missing column\(s\) \['area_mm2'\].*'area'"):
+        labels.from_table(raw)
+    with pytest.raises(labels.LabelError, match=r"'length_mm'.*row\(s\) \[1\]"):
+        labels.from_table(raw, columns=labels.LabelColumns(area="area"))
+    with pytest.raises(labels.LabelError, match="not numeric"):
+        labels.from_table(pa.table({"image_uri": ["a"], "length_mm": ["x"], "area_mm2": [1.0]}))
+
+
+def test_attach_manifest_by_uri_or_file_name() -> None:
+    manifest = pa.table({"image_uri": ["/d/T1/a.jpg", "/d/T2/b.jpg"], "dpi": [150.0, 300.0]})
+    lab = labels.from_table(pa.table({"image_uri": ["a.jpg", "/d/T2/b.jpg"],
+                                      "length_mm": [1.0, 2.0], "area_mm2": [0.1, 0.2]}))
+    out = labels.attach_manifest(lab, manifest)
+    assert out["image_uri"].to_pylist() == ["/d/T1/a.jpg", "/d/T2/b.jpg"]
+    assert out["dpi"].to_pylist() == [150.0, 300.0]
+    with pytest.raises(labels.LabelError, match="not in the manifest"):
+        labels.attach_manifest(labels.from_table(pa.table(
+            {"image_uri": ["zz.jpg"], "length_mm": [1.0], "area_mm2": [1.0]})), manifest)
+    dup = pa.table({"image_uri": ["/d/T1/a.jpg", "/d/T3/a.jpg"], "dpi": [1.0, 1.0]})
+    with pytest.raises(labels.LabelError, match="ambiguous"):
+        labels.attach_manifest(lab.slice(0, 1), dup)
+
+
+def test_split_by_group_keeps_groups_whole() -> None:
+    lab = labels.from_table(pa.table({"image_uri": [f"i{i}" for i in range(20)],
+                                      "length_mm": np.arange(20.0), "area_mm2": np.ones(20)}))
+    tubes = [i % 5 for i in range(20)]
+    train, val = labels.split(lab, val_fraction=0.4, seed=1, groups=tubes)
+    vt = {tubes[int(u[1:])] for u in val["image_uri"].to_pylist()}
+    tt = {tubes[int(u[1:])] for u in train["image_uri"].to_pylist()}
+    assert len(vt) == 2 and not vt & tt and train.num_rows + val.num_rows == 20
+
+
+def test_labels_from_traits_delta_table(tmp_path) -> None:
+    import datetime as dt
+
+    from deltalake import write_deltalake
+
+    t0 = dt.datetime(2024, 1, 1)
+    rows = pa.table({
+        "image_uri": ["/x/a.jpg", "/x/a.jpg", "/x/b.jpg", "/x/c.jpg"],
+        "model_name": ["mask", "mask", "mask", "rootsam"],
+        "model_version": ["v1", "v2", "v2", "r1"],
+        "length_mm": [1.0, 2.0, 3.0, 99.0], "projected_area_mm2": [0.1, 0.2, 0.3, 9.9],
+        "dpi": [150.0, 150.0, 150.0, 150.0],
+        "processed_at": [t0, t0 + dt.timedelta(days=1), t0, t0],
+    })
+    write_deltalake(str(tmp_path / "traits"), rows)
+    out = labels.from_traits_table(str(tmp_path / "traits"))
+    got = dict(zip(out["image_uri"].to_pylist(), out["length_mm"].to_pylist(), strict=True))
+    assert got == {"/x/a.jpg": 2.0, "/x/b.jpg": 3.0}  # latest mask row per image; no rootsam
+    v1 = labels.from_traits_table(str(tmp_path / "traits"), model_version="v1")
+    assert v1["length_mm"].to_pylist() == [1.0]
+
+
+def test_labels_from_masks_use_traits_measure(tmp_path) -> None:
+    pytest.importorskip("rootflow.traits.measure")
+    import cv2
+
+    from rootflow.traits import measure
+
+    uris, masks = [], []
+    for i in range(2):
+        img, mask, _, _ = root_image(10 + i, empty=False)
+        cv2.imwrite(str(tmp_path / f"m{i}.png"), mask.astype(np.uint8) * 255)
+        uris.append(str(tmp_path / f"i{i}.png"))
+        masks.append(mask)
+    rows = pa.table({"image_uri": uris + ["/nomask.png"],
+                     "mask_uri": [str(tmp_path / "m0.png"), str(tmp_path / "m1.png"), None],
+                     "dpi": [100.0, 100.0, 100.0]})
+    out = labels.from_masks(rows)
+    assert out.num_rows == 2
+    want = measure(masks[1], dpi=100.0)
+    assert out["length_mm"][1].as_py() == pytest.approx(want["length_mm"])
+    assert out["area_mm2"][1].as_py() == pytest.approx(want["projected_area_mm2"])
+    with pytest.raises(labels.LabelError, match="has no key 'nope'"):
+        labels.from_masks(rows, length_key="nope")
