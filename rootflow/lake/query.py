@@ -230,8 +230,9 @@ def duckdb_connection(lake: Lake | str, *, latest: bool = True, filters: Filter 
     """A DuckDB connection with views ``traits`` (latest versions unless ``latest=False``),
     ``traits_all`` (every version), ``runs`` and ``rejects`` over the tables' Arrow datasets.
 
-    DuckDB pushes projections and filters into the Arrow dataset scan, so a ``WHERE year =
-    2016 AND tube = 64`` reads only the columns and row groups it needs.
+    ``filters`` on partition columns (``year``, ``tube``, ``depth``) prune files before anything
+    is read; the selected data is then handed to DuckDB as Arrow tables (see the comment inside
+    on why not as a lazily scanned dataset).
     """
     import duckdb
 
@@ -242,9 +243,14 @@ def duckdb_connection(lake: Lake | str, *, latest: bool = True, filters: Filter 
         if not lk.exists(name):
             con.register(f"__{name}_ds", lk.schema(name).empty_table())
         elif name == "traits":
-            con.register("__traits_ds", lk.dataset("traits", partitions=_partition_part(filters)))
+            # Registered as an Arrow table read through pyarrow, not as a dataset: DuckDB would
+            # push its filters into the dataset scan, and pyarrow cannot evaluate them against
+            # the string_view columns that delta-rs's MERGE writes. Partition filters still prune
+            # files before anything is read.
+            con.register("__traits_ds", lk.dataset(
+                "traits", partitions=_partition_part(filters)).to_table())
         else:
-            con.register(f"__{name}_ds", lk.dataset(name))
+            con.register(f"__{name}_ds", lk.dataset(name).to_table())
     where = _sql_filter(filters)
     con.execute(f"CREATE OR REPLACE VIEW traits_all AS SELECT * FROM __traits_ds{where}")
     pairs = latest_versions(lk, filters=filters) if latest and lk.exists("traits") else {}

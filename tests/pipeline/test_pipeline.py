@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import polars as pl
 import pyarrow.compute as pc
 import pytest
 
 from rootflow.inference.pipeline import InferConfig, Resources, run
-from rootflow.lake import Lake
+from rootflow.lake import Lake, query
 from tests.pipeline._helpers import counts_by_image, small_archive
 
 pytestmark = pytest.mark.ray
@@ -49,8 +50,13 @@ def test_mask_traits_end_to_end_with_bad_rows(ray_local, tmp_path) -> None:
     runs = lake.read("runs").to_pylist()
     assert [r["status"] for r in runs] == ["ok_with_rejects"]
     # Analyst reads filter string columns of files written by MERGE (string_view in Parquet).
+    n_ok = arch.n_rows - len(arch.bad_ids)
     latest = lake.traits(engine="pandas", filters=[("model_name", "=", "mask")])
-    assert len(latest) == arch.n_rows - len(arch.bad_ids)
+    assert len(latest) == n_ok
+    con = query.duckdb_connection(lake_uri)
+    assert con.sql("SELECT count(*) FROM traits WHERE model_name = 'mask'").fetchone()[0] == n_ok
+    lf = query.polars_traits(lake_uri)
+    assert lf.filter(pl.col("model_name") == "mask").collect().height == n_ok
 
     # Re-running the same manifest skips the finished images and adds no rows.
     s2 = run(arch.manifest_uri, lake_uri, cfg, progress=False)
