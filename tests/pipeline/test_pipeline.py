@@ -54,7 +54,7 @@ def test_mask_traits_end_to_end_with_bad_rows(ray_local, tmp_path) -> None:
     latest = lake.traits(engine="pandas", filters=[("model_name", "=", "mask")])
     assert len(latest) == n_ok
     con = query.duckdb_connection(lake_uri)
-    assert con.sql("SELECT count(*) FROM traits WHERE model_name = 'mask'").fetchone()[0] == n_ok
+    assert con.sql("SELECT count(*) FROM traits WHERE model_name = 'mask'").fetchall()[0][0] == n_ok
     lf = query.polars_traits(lake_uri)
     assert lf.filter(pl.col("model_name") == "mask").collect().height == n_ok
 
