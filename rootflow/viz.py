@@ -28,10 +28,11 @@ def rld_profile(df: Any, *, ax: Any = None) -> Any:
     """
     ax = _axes(ax, (5, 5))
     for date, g in df.sort_values("depth_band_cm").groupby("date"):
-        ax.plot(g["rld_cm_per_cm3"], g["depth_band_cm"], marker="o", label=str(date))
+        label = date.strftime("%Y-%m-%d") if hasattr(date, "strftime") else str(date)
+        ax.plot(g["rld_cm_per_cm3"], g["depth_band_cm"], marker="o", label=label)
     ax.invert_yaxis()
     ax.set_xlabel("root length density (cm cm$^{-3}$)")
-    ax.set_ylabel("depth band (cm, upper bound of band)")
+    ax.set_ylabel("depth band (cm, top of the band)")
     ax.legend(title="date", fontsize=8)
     ax.set_title("Root length density by depth")
     return ax
