@@ -96,6 +96,20 @@ def build_config(*, producers: str, config_file: str | None, overrides: list[str
                                skip_done=cfg.skip_done and not force)
 
 
+def _run_and_report(manifest: str, lake: str, cfg: Any, *, storage: dict[str, Any],
+                    address: str | None, job_kind: str, summary_json: str | None) -> None:
+    """Run the job, print its summary (and write it as JSON), exit 3 if rows were rejected."""
+    from rootflow.inference.pipeline import format_summary, run
+
+    init_ray(address)
+    summary = run(manifest, lake, cfg, storage_options=storage, job_kind=job_kind)
+    typer.echo(format_summary(summary))
+    if summary_json:
+        Path(summary_json).write_text(json.dumps(summary.to_dict(), indent=2, default=str))
+    if summary.n_images_rejected:
+        raise typer.Exit(EXIT_REJECTS)
+
+
 _PRODUCERS_HELP = "Comma-separated producers: mask (traits of given masks), rootsam, rootquant."
 
 
@@ -128,21 +142,13 @@ def register(app: typer.Typer) -> None:
 
         Exit code 0: every row ok; 3: finished but some rows were rejected (see the rejects table).
         """
-        from rootflow.inference.pipeline import format_summary, run
-
         cfg = build_config(producers=producers, config_file=config, overrides=set_,
                            rootsam_config=rootsam_config, base_checkpoint=base_checkpoint,
                            base_sha256=base_sha256, rootsam_checkpoint=rootsam_checkpoint,
                            rootquant_checkpoint=rootquant_checkpoint, gpus=gpus, actors=actors,
                            batch_size=batch_size, fuse=fuse, since=since, until=until, force=force)
-        so = storage_from_cli(storage_option)
-        init_ray(address)
-        summary = run(manifest, lake, cfg, storage_options=so, job_kind=job_kind)
-        typer.echo(format_summary(summary))
-        if summary_json:
-            Path(summary_json).write_text(json.dumps(summary.to_dict(), indent=2, default=str))
-        if summary.n_images_rejected:
-            raise typer.Exit(EXIT_REJECTS)
+        _run_and_report(manifest, lake, cfg, storage=storage_from_cli(storage_option),
+                        address=address, job_kind=job_kind, summary_json=summary_json)
 
     @app.command("reprocess")
     def reprocess(
@@ -171,7 +177,6 @@ def register(app: typer.Typer) -> None:
         run overlapping another on the same scope waits or exits without work, and rows are
         merged, never duplicated. Exit codes as ``infer``.
         """
-        from rootflow.inference.pipeline import format_summary, run
         from rootflow.inference.sources import manifest_for_source
 
         so = storage_from_cli(storage_option)
@@ -183,13 +188,8 @@ def register(app: typer.Typer) -> None:
                            batch_size=None, fuse=None, since=since, until=until, force=False)
         manifest_uri = manifest_for_source(source, lake, experiment_config=experiment_config,
                                            storage_options=so)
-        init_ray(address)
-        summary = run(manifest_uri, lake, cfg, storage_options=so, job_kind="reprocess")
-        typer.echo(format_summary(summary))
-        if summary_json:
-            Path(summary_json).write_text(json.dumps(summary.to_dict(), indent=2, default=str))
-        if summary.n_images_rejected:
-            raise typer.Exit(EXIT_REJECTS)
+        _run_and_report(manifest_uri, lake, cfg, storage=so, address=address,
+                        job_kind="reprocess", summary_json=summary_json)
 
     @app.command("demo")
     def demo(

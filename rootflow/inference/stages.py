@@ -186,34 +186,13 @@ def decode(batch: Batch) -> Batch:
     out_mask: list[bytes | None] = []
     bits: list[int] = []
     for i in range(_n(batch)):
-        data, mdata = _opt(batch, "image_bytes", i), _opt(batch, "mask_bytes", i)
-        if errors[i]:
-            out_img.append(None)
-            out_mask.append(None)
-            bits.append(0)
-            continue
-        try:
-            rgb, b = images.decode(data)
-        except Exception as e:
-            errors[i] = _fail("decode", e)
-            out_img.append(None)
-            out_mask.append(None)
-            bits.append(0)
-            continue
-        mask_png = None
-        if mdata is not None:
+        decoded = None
+        if not errors[i]:
             try:
-                m = images.decode_mask(mdata)
-                if m.shape != rgb.shape[:2]:
-                    raise ValueError(f"mask is {m.shape[1]}x{m.shape[0]} px but image is "
-                                     f"{rgb.shape[1]}x{rgb.shape[0]} px")
-                mask_png = images.encode_png(m)
-            except Exception as e:
-                errors[i] = _fail("decode_mask", e)
-                out_img.append(None)
-                out_mask.append(None)
-                bits.append(0)
-                continue
+                decoded = _decode_row(_opt(batch, "image_bytes", i), _opt(batch, "mask_bytes", i))
+            except _RowError as e:
+                errors[i] = str(e)
+        rgb, b, mask_png = decoded or (None, 0, None)
         out_img.append(rgb)
         out_mask.append(mask_png)
         bits.append(b)
@@ -224,6 +203,28 @@ def decode(batch: Batch) -> Batch:
     batch["error"] = _objects(errors)
     _timed(batch, "decode", t0)
     return normalize(batch)
+
+
+class _RowError(Exception):
+    """A row's reject reason (already prefixed with its stage)."""
+
+
+def _decode_row(data: bytes, mdata: bytes | None) -> tuple[np.ndarray, int, bytes | None]:
+    """Image bytes (+ optional mask bytes) -> (uint8 RGB, bit depth, mask as PNG or None)."""
+    try:
+        rgb, bits = images.decode(data)
+    except Exception as e:
+        raise _RowError(_fail("decode", e)) from e
+    if mdata is None:
+        return rgb, bits, None
+    try:
+        m = images.decode_mask(mdata)
+        if m.shape != rgb.shape[:2]:
+            raise ValueError(f"mask is {m.shape[1]}x{m.shape[0]} px but image is "
+                             f"{rgb.shape[1]}x{rgb.shape[0]} px")
+        return rgb, bits, images.encode_png(m)
+    except Exception as e:
+        raise _RowError(_fail("decode_mask", e)) from e
 
 
 def mask_uri_for(lake_uri: str, model_name: str, model_version: str, row: dict[str, Any]) -> str:
