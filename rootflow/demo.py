@@ -19,7 +19,8 @@ RANDOM_WEIGHTS_NOTE = (
 )
 
 #: Small, fast model settings for the demo (CPU, seconds per image).
-DEMO_ROOTSAM: dict[str, Any] = {"variant": "test"}
+DEMO_ROOTSAM: dict[str, Any] = {"variant": "test", "prompt_mode": "lattice",
+                                "lattice_points_per_side": 4}
 DEMO_ROOTQUANT: dict[str, Any] = {"backbone": "resnet10t"}
 
 
