@@ -14,7 +14,7 @@ from typing import Any
 
 RANDOM_WEIGHTS_NOTE = (
     "RootSAM and RootQuant ran with RANDOM weights: no SAM2.1 or ImageNet weights can be "
-    "downloaded here, so their numbers below are meaningless. Pass --base-checkpoint/"
+    "downloaded here, so their rows show the plumbing, not the science. Pass --base-checkpoint/"
     "--rootsam-checkpoint and --rootquant-checkpoint to `rootflow infer` for real ones."
 )
 
