@@ -14,8 +14,8 @@
    Ray started beforehand (Ray's start-up is not counted; actor start-up and model load are).
 4. efficiency = job images/s / bare images/s.
 
-Both use the same number of CPU threads for the model (``--model-cpus``; Ray sets an actor's
-``OMP_NUM_THREADS`` from its ``num_cpus``). Prints one JSON line with everything measured.
+Both use the same number of torch threads for the model (``--threads``): on a shared 2-core
+machine two OpenMP threads next to any other busy process run ~10x slower than one (measured). Prints one JSON line with everything measured.
 """
 
 from __future__ import annotations
@@ -60,7 +60,20 @@ def _moto() -> tuple[subprocess.Popen, dict]:
 
 
 def _bare_model(args: argparse.Namespace, overrides: dict) -> tuple[dict, Callable]:
-    """The model's own predictor and a ``predict(images, dpis)`` over it (plain PyTorch)."""
+    """The model's own predictor and a ``predict(images, dpis)`` over it (plain PyTorch).
+
+    ``--model both``: RootSAM then RootQuant on each batch; ``--set`` applies to RootSAM.
+    """
+    if args.model == "both":
+        sam_cfg, sam = _bare_model(argparse.Namespace(**{**vars(args), "model": "rootsam"}),
+                                   overrides)
+        rq_cfg, rq = _bare_model(argparse.Namespace(**{**vars(args), "model": "rootquant"}), {})
+
+        def both(batch: list, dpis: list) -> None:
+            sam(batch, dpis)
+            rq(batch, dpis)
+
+        return {"rootsam": sam_cfg, "rootquant": rq_cfg}, both
     if args.model == "rootsam":
         from rootflow.inference.rootsam import RootSAMInferenceConfig, RootSAMPredictor
 
@@ -78,18 +91,29 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small", help="synth preset: tiny, small, ci600, bartz")
     ap.add_argument("--n-images", type=int, default=8)
-    ap.add_argument("--model", choices=["rootsam", "rootquant"], default="rootsam")
+    ap.add_argument("--model", choices=["rootsam", "rootquant", "both"], default="rootsam")
+    ap.add_argument("--no-fuse", action="store_true",
+                    help="with --model both: two actor pools instead of one fused actor")
     ap.add_argument("--variant", default="test", help="RootSAM variant (test, hiera_tiny, ...)")
     ap.add_argument("--backbone", default="resnet10t", help="RootQuant backbone")
     ap.add_argument("--set", action="append", default=[], dest="model_set",
                     help="model config key=value (e.g. lattice_points_per_side=4)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--gpus", type=float, default=0.0, help="GPUs for the job's model actor")
-    ap.add_argument("--model-cpus", type=float, default=float(os.cpu_count() or 2))
+    ap.add_argument("--model-cpus", type=float, default=1.0, help="CPU slots per model actor")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for the model, in the bare loop and in the job's actors "
+                         "(OMP_NUM_THREADS); on a shared 2-core machine 2 threads oversubscribe")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--s3", action="store_true", help="archive and lake on a loopback S3 server")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    # Same model threads on both sides: Ray workers inherit OMP_NUM_THREADS from the driver's
+    # environment when Ray starts (Ray only sets it itself when it is unset).
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     import yaml
 
@@ -135,9 +159,10 @@ def main(argv: list[str] | None = None) -> dict:
     # -- whole job: object storage -> committed Delta rows --------------------------------------
     init_ray(None, num_cpus=max(8, int(args.model_cpus) + 6))
     res = Resources(model_num_cpus=args.model_cpus, model_num_gpus=args.gpus,
-                    model_batch_size=args.batch_size, fuse_models=True)
-    job_cfg = InferConfig(producers=(args.model,), resources=res, commit_every=10_000,
-                          **{args.model: model_cfg})
+                    model_batch_size=args.batch_size, fuse_models=not args.no_fuse)
+    producers = ("rootsam", "rootquant") if args.model == "both" else (args.model,)
+    per_model = model_cfg if args.model == "both" else {args.model: model_cfg}
+    job_cfg = InferConfig(producers=producers, resources=res, commit_every=10_000, **per_model)
     lake = storage.join(base, "lake")
     t0 = time.perf_counter()
     summary = run(manifest, lake, job_cfg, storage_options=so, progress=False)
@@ -151,13 +176,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     bare_ips, job_ips = n / bare_s, n / job_s
     out = {
-        "model": args.model, "config": model_cfg, "preset": args.preset, "n_images": n,
+        "model": args.model, "fused": not args.no_fuse, "config": model_cfg, "preset": args.preset, "n_images": n,
         "image_hw": [cfg.height, cfg.width], "storage": "s3 (moto, loopback)" if args.s3 else "local",
         "bare_images_per_s": round(bare_ips, 4), "job_images_per_s": round(job_ips, 4),
         "efficiency": round(job_ips / bare_ips, 3),
         "bare_s_before_after": [round(bare_before, 2), round(bare_after, 2)],
         "job_s": round(job_s, 2), "job_stage_s": summary.stage_s, "job_status": summary.status,
-        "model_cpus": args.model_cpus, "gpus": args.gpus, "cores": os.cpu_count(),
+        "model_cpus": args.model_cpus, "threads": args.threads, "gpus": args.gpus, "cores": os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2), "machine": platform.machine(),
     }
     print(json.dumps(out))
