@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
         moto, so = _moto()
         base = "s3://bench/run"
     archive = storage.join(base, "archive")
-    cfg = SynthConfig.preset(args.preset, n_images=args.n_images, seed=11)
+    # Enough tubes that the year x tube x window x session grid holds n images.
+    cfg = SynthConfig.preset(args.preset, n_images=args.n_images, seed=11, n_windows=3,
+                             n_sessions=3, n_tubes=max(1, -(-args.n_images // 9)))
     generate_archive(archive, config=cfg, storage_options=so)
     built = build_manifest(archive, experiment_config=storage.join(archive, "experiment.yaml"),
                            storage_options=so)

@@ -10,7 +10,7 @@
 4. The exported checkpoint is scored on ``val`` with :class:`RootQuantPredictor` (the inference
    path): R2 / MAE / RMSE / bias for length and area, zero/non-zero accuracy.
 
-    nice -n 10 .venv/bin/python benchmarks/rootquant_synth.py --n-train 400 --n-val 100 --epochs 8
+    nice -n 10 .venv/bin/python benchmarks/rootquant_synth.py --n-train 400 --n-val 100 --epochs 25
 
 Prints progress and one final JSON line; record it in docs/rootquant.md with the command.
 """
@@ -47,6 +47,8 @@ def make_archive(out: pathlib.Path, *, n: int, seed: int, look: str, workers: in
 
 GT_COLUMNS = {"image": "image_uri", "length": "length_mm", "area": "projected_area_mm2",
               "dpi": "dpi"}
+#: Training also reads the masks: per-tile labels (dense supervision), see docs/rootquant.md.
+TRAIN_COLUMNS = {**GT_COLUMNS, "mask": "mask_uri"}
 
 
 def evaluate(model_uri: str, gt_uri: pathlib.Path, *, presence_threshold: float | None = 0.5
@@ -80,11 +82,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--look", default="loam")
     ap.add_argument("--backbone", default="test_efficientnet")
-    ap.add_argument("--tile-px", type=int, default=128)
-    ap.add_argument("--mm-per-px", type=float, default=25.4 / 150.0)
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--tile-px", type=int, default=64)
+    ap.add_argument("--mm-per-px", type=float, default=0.2)
+    ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--init-presence-logit", type=float, default=-1.5,
+                    help="initial tile presence logit (~ logit of the share of rooted tiles)")
+    ap.add_argument("--tile-weight", type=float, default=1.0,
+                    help="weight of the per-tile loss (0 = image labels only, the old recipe)")
+    ap.add_argument("--image-weight", type=float, default=0.0)
     ap.add_argument("--cpus", type=int, default=2, help="CPUs (torch threads) of the worker")
     ap.add_argument("--gen-workers", type=int, default=2)
     ap.add_argument("--name", default=None)
@@ -108,9 +115,12 @@ def main() -> None:
     name = args.name or f"synth-{args.backbone}-{args.look}-{int(time.time())}"
     cfg = rqt.RootQuantTrainConfig(
         model=RootQuantConfig(backbone=args.backbone, tile_px=args.tile_px,
-                              mm_per_px=args.mm_per_px, head_hidden=128),
-        data=rqt.RootQuantDataConfig(uri=str(train_gt), columns=LabelColumns(**GT_COLUMNS),
-                                     val_uri=str(val_gt)),
+                              mm_per_px=args.mm_per_px, head_hidden=128,
+                              init_presence_logit=args.init_presence_logit),
+        data=rqt.RootQuantDataConfig(uri=str(train_gt), columns=LabelColumns(**TRAIN_COLUMNS),
+                                     val_uri=str(val_gt), tile_labels=args.tile_weight > 0),
+        loss=rqt.RootQuantLossConfig(tile_weight=args.tile_weight,
+                                     image_weight=args.image_weight),
         optim=rqt.RootQuantOptimConfig(batch_images=args.batch, lr=args.lr, warmup_epochs=1),
         run=TrainRunConfig(name=name, storage_path=str(work / "runs"), epochs=args.epochs,
                            cpus_per_worker=args.cpus, metric="val_loss", mode="min"))
@@ -130,6 +140,8 @@ def main() -> None:
     metrics = evaluate(res.export_uri, val_gt)
     print(json.dumps({"benchmark": "rootquant_synth", "backbone": args.backbone,
                       "tile_px": args.tile_px, "mm_per_px": round(args.mm_per_px, 4),
+                      "tile_weight": args.tile_weight, "image_weight": args.image_weight,
+                      "lr": args.lr,
                       "n_train": args.n_train, "n_val": args.n_val, "epochs": res.epochs_run,
                       "best_epoch": res.best_epoch, "train_wall_s": round(train_s, 1),
                       "export_uri": res.export_uri,

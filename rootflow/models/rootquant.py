@@ -71,6 +71,9 @@ class RootQuantConfig:
         length_scale_mm / area_scale_mm2: units of the log1p target transform (log1p(y/scale)).
         init_length_mm / init_area_mm2: the head's initial per-tile output given presence,
             so training starts from a plausible magnitude instead of exp(0) = 1.
+        init_presence_logit: the head's initial per-tile presence logit. Positive (most
+            tiles of a rooted archive hold some root) keeps the hurdle away from the "no root
+            anywhere" start where sigmoid saturation starves every other gradient.
         backbone_weights_uri / backbone_weights_sha256: optional ImageNet (or user) weights
             for the backbone, read from a URI the user gives (``.pth``/``.pt`` through
             :func:`rootflow.models.checkpoint.load`, or ``.safetensors``), sha256-checked.
@@ -87,6 +90,7 @@ class RootQuantConfig:
     area_scale_mm2: float = 1.0
     init_length_mm: float = 20.0
     init_area_mm2: float = 10.0
+    init_presence_logit: float = 0.0
     backbone_weights_uri: str | None = None
     backbone_weights_sha256: str | None = None
 
@@ -164,14 +168,16 @@ class HurdleHead(nn.Module):
     """Features ``(N, C)`` -> ``(N, 3)``: presence logit, log length|presence, log area|presence."""
 
     def __init__(self, in_features: int, *, hidden: int = 256, dropout: float = 0.1,
-                 init_length: float = 20.0, init_area: float = 10.0) -> None:
+                 init_length: float = 20.0, init_area: float = 10.0,
+                 init_presence: float = 0.0) -> None:
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden)
         self.drop = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden, 3)
         with torch.no_grad():
             self.fc2.weight.mul_(0.1)
-            self.fc2.bias.copy_(torch.tensor([0.0, math.log(init_length), math.log(init_area)]))
+            self.fc2.bias.copy_(torch.tensor([float(init_presence), math.log(init_length),
+                                            math.log(init_area)]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.drop(F.gelu(self.fc1(x))))
@@ -244,6 +250,47 @@ def rootquant_loss(out: RootQuantOutput, length_mm: torch.Tensor, area_mm2: torc
                   "loss_presence": float(l_pres.detach())}
 
 
+def tile_loss(tile_raw: torch.Tensor, tile_length_mm: torch.Tensor, tile_area_mm2: torch.Tensor,
+              *, huber_delta: float = 1.0, area_weight: float = 1.0,
+              presence_weight: float = 1.0, presence_min_length_mm: float = 0.5,
+              length_scale_mm: float = 1.0, area_scale_mm2: float = 1.0
+              ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Dense supervision: the hurdle loss of every tile whose own length/area are known.
+
+    Tile labels come from masks (:func:`rootflow.training.labels.density_maps`). The same
+    loss as :func:`rootquant_loss`, per tile instead of per image: Huber on ``log1p`` of the
+    tile's expected value ``sigmoid(z) exp(a)`` and BCE of ``z`` against "this tile holds more
+    than ``presence_min_length_mm`` of root" (a root clipping a tile's corner is not a
+    presence call worth forcing).
+
+    Args:
+        tile_raw: ``(N, 3)`` head outputs.
+        tile_length_mm / tile_area_mm2: ``(N,)`` tile labels; NaN where unknown (an image
+            without a usable mask): those tiles are left out.
+
+    Returns:
+        ``(scalar loss, {"tile_loss_length", "tile_loss_area", "tile_loss_presence"})``; zero
+        (with a graph) when no tile has a label.
+    """
+    known = torch.isfinite(tile_length_mm) & torch.isfinite(tile_area_mm2)
+    if not bool(known.any()):
+        zero = tile_raw.sum() * 0.0
+        return zero, {"tile_loss_length": 0.0, "tile_loss_area": 0.0, "tile_loss_presence": 0.0}
+    raw, y_len, y_area = tile_raw[known], tile_length_mm[known], tile_area_mm2[known]
+    z = raw[:, 0]
+    expected = torch.exp(raw[:, 1:].clamp(_LOG_MIN, _LOG_MAX)) * torch.sigmoid(z)[:, None]
+    l_len = F.huber_loss(target_transform(expected[:, 0], length_scale_mm),
+                         target_transform(y_len, length_scale_mm), delta=huber_delta)
+    l_area = F.huber_loss(target_transform(expected[:, 1], area_scale_mm2),
+                          target_transform(y_area, area_scale_mm2), delta=huber_delta)
+    present = (y_len > presence_min_length_mm).to(z.dtype)
+    l_pres = F.binary_cross_entropy_with_logits(z, present)
+    loss = l_len + area_weight * l_area + presence_weight * l_pres
+    return loss, {"tile_loss_length": float(l_len.detach()),
+                  "tile_loss_area": float(l_area.detach()),
+                  "tile_loss_presence": float(l_pres.detach())}
+
+
 # --------------------------------------------------------------------------------------------
 # The network
 # --------------------------------------------------------------------------------------------
@@ -271,7 +318,8 @@ class RootQuant(nn.Module):
         width = getattr(backbone, "head_hidden_size", None) or backbone.num_features
         self.head = HurdleHead(int(width), hidden=cfg.head_hidden,
                                dropout=cfg.dropout, init_length=cfg.init_length_mm,
-                               init_area=cfg.init_area_mm2)
+                               init_area=cfg.init_area_mm2,
+                               init_presence=cfg.init_presence_logit)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.meta: dict[str, Any] = {}

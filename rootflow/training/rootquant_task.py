@@ -11,7 +11,11 @@ epoch draws a fresh augmentation (flips, 90-degree turns, brightness/contrast, a
 offset of the tile grid so the model never learns where tile borders fall), cuts it into
 tiles, and the tiles of ``batch_images`` images go through the network together; their hurdle
 outputs are summed per image and compared with the image's label (a multiple-instance
-regression: labels are per image, predictions per tile).
+regression: labels are per image, predictions per tile). Where a mask exists (``mask_uri``),
+every tile is also supervised with the length/area of its part of the mask
+(:func:`rootflow.training.labels.density_maps`, :func:`rootflow.models.rootquant.tile_loss`):
+image sums alone were too weak a signal for a small network trained from scratch (it collapsed
+to "no root" on every image).
 
 Fine-tuning to a new species from little data is the same task with ``init_from`` (a RootQuant
 checkpoint) and ``optim.head_only_epochs > 0``: the backbone is frozen (and its BatchNorm
@@ -63,6 +67,10 @@ class RootQuantDataConfig:
         val_fraction: fraction held out at random (seeded by ``split_seed``) without ``val_uri``.
         folds / fold: k-fold split instead (``folds > 1``; ``fold`` is the held-out part).
         limit: use only this many training images (chosen by ``split_seed``): learning curves.
+        tile_labels: when labels carry a ``mask_uri`` (``columns.mask``, ``source: masks``, or
+            a manifest with masks), supervise every tile with the length/area its part of the
+            mask holds (:func:`rootflow.training.labels.density_maps`), on top of the image
+            loss. Images without a usable mask fall back to the image loss alone.
     """
 
     source: Literal["table", "traits", "masks"] = "table"
@@ -79,6 +87,7 @@ class RootQuantDataConfig:
     fold: int = 0
     split_seed: int = 0
     limit: int | None = None
+    tile_labels: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,12 +122,21 @@ class RootQuantOptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RootQuantLossConfig:
-    """Weights of :func:`rootflow.models.rootquant.rootquant_loss`."""
+    """Weights of :func:`rootflow.models.rootquant.rootquant_loss` (per image) and
+    :func:`rootflow.models.rootquant.tile_loss` (per tile, where masks give tile labels).
+
+    Attributes:
+        image_weight / tile_weight: weights of the image-level and the tile-level loss.
+        tile_presence_min_length_mm: a tile counts as "root present" above this length.
+    """
 
     huber_delta: float = 1.0
     area_weight: float = 1.0
     presence_weight: float = 1.0
     presence_min_length_mm: float = 0.0
+    image_weight: float = 1.0
+    tile_weight: float = 1.0
+    tile_presence_min_length_mm: float = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,16 +234,21 @@ def split_labels(table: pa.Table, data: RootQuantDataConfig) -> tuple[pa.Table, 
 # data
 # --------------------------------------------------------------------------------------------
 class RootQuantImages:
-    """Map-style dataset: item ``i`` -> ``(tiles uint8 (N, 3, t, t), length_mm, area_mm2)``.
+    """Map-style dataset: item ``i`` -> ``(tiles uint8 (N, 3, t, t), length_mm, area_mm2,
+    tile_labels (N, 2) float32 or None)``.
 
     Images are read and resampled to ``mm_per_px`` on first use and cached (uint8), so later
-    epochs cost only augmentation and tiling. Augmentations are seeded by (seed, epoch, index)
-    so a resumed run sees the same data it would have seen.
+    epochs cost only augmentation and tiling. With ``tile_labels`` and a ``mask_uri`` column,
+    the mask's length/area density maps (:func:`rootflow.training.labels.density_maps`) are
+    cached too and go through the same flips, turns and grid offset as the image, so every
+    tile gets its own length and area. Augmentations are seeded by (seed, epoch, index) so a
+    resumed run sees the same data it would have seen.
     """
 
     def __init__(self, table: pa.Table, *, mm_per_px: float, tile_px: int,
                  fill: tuple[int, int, int], augment: RootQuantAugmentConfig | None,
-                 storage_options: storage.StorageLike = None, seed: int = 0) -> None:
+                 storage_options: storage.StorageLike = None, seed: int = 0,
+                 tile_labels: bool = False) -> None:
         self.uris = table["image_uri"].to_pylist()
         self.length_mm = table["length_mm"].to_numpy().astype(np.float32)
         self.area_mm2 = table["area_mm2"].to_numpy().astype(np.float32)
@@ -236,6 +259,10 @@ class RootQuantImages:
         self.seed = seed
         self.epoch = 0
         self._cache: dict[int, np.ndarray] = {}
+        self.mask_uris: list[str | None] = (
+            table["mask_uri"].to_pylist() if tile_labels and "mask_uri" in table.column_names
+            else [None] * len(self.uris))
+        self._density: dict[int, np.ndarray | None] = {}
 
     def __len__(self) -> int:
         return len(self.uris)
@@ -250,47 +277,78 @@ class RootQuantImages:
             self._cache[i] = to_model_scale(rgb, dpi=float(self.dpi[i]), mm_per_px=self.mm_per_px)
         return self._cache[i]
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, float, float]:
+    def density(self, i: int) -> np.ndarray | None:
+        """Length/area density maps of image ``i`` at the model scale (cached), or None."""
+        if i not in self._density:
+            uri = self.mask_uris[i]
+            dens = None
+            if uri:
+                from rootflow.io import images
+
+                mask = images.decode_mask(storage.read_bytes(uri, self.storage_options))
+                dens = _labels.density_maps(mask, dpi=float(self.dpi[i]),
+                                            mm_per_px=self.mm_per_px,
+                                            length_mm=float(self.length_mm[i]),
+                                            area_mm2=float(self.area_mm2[i]))
+                if dens is not None and dens.shape[:2] != self.image(i).shape[:2]:
+                    dens = None  # mask and image disagree in size: no tile labels
+            self._density[i] = dens
+        return self._density[i]
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, float, float, np.ndarray | None]:
         from rootflow.models.rootquant import tile_image
 
         img = self.image(i)
+        dens = self.density(i)
         offset = (0, 0)
         if self.augment is not None:
             rng = np.random.default_rng((self.seed, self.epoch, i))
-            img = _augment(img, rng, self.augment)
+            img, dens = _augment(img, dens, rng, self.augment)
             if self.augment.random_offset:
                 offset = (int(rng.integers(self.tile_px)), int(rng.integers(self.tile_px)))
         tiles = tile_image(img, tile_px=self.tile_px, fill=self.fill, offset=offset)
-        return tiles, float(self.length_mm[i]), float(self.area_mm2[i])
+        tile_y = (None if dens is None else
+                  _labels.tile_sums(dens, tile_px=self.tile_px, offset=offset).astype(np.float32))
+        return tiles, float(self.length_mm[i]), float(self.area_mm2[i]), tile_y
 
 
-def _augment(img: np.ndarray, rng: np.random.Generator, cfg: RootQuantAugmentConfig) -> np.ndarray:
+def _augment(img: np.ndarray, dens: np.ndarray | None, rng: np.random.Generator,
+             cfg: RootQuantAugmentConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """Same flips/turns for image and density maps; photometric changes to the image only."""
+    def geo(a: np.ndarray | None, op: Any) -> np.ndarray | None:
+        return None if a is None else op(a)
+
     if cfg.flips and rng.random() < 0.5:
-        img = img[:, ::-1]
+        img, dens = img[:, ::-1], geo(dens, lambda a: a[:, ::-1])
     if cfg.flips and rng.random() < 0.5:
-        img = img[::-1]
+        img, dens = img[::-1], geo(dens, lambda a: a[::-1])
     if cfg.rot90:
-        img = np.rot90(img, int(rng.integers(4)))
+        k = int(rng.integers(4))
+        img, dens = np.rot90(img, k), geo(dens, lambda a: np.rot90(a, k))
     if cfg.brightness or cfg.contrast:
         gain = 1.0 + rng.uniform(-cfg.contrast, cfg.contrast)
         shift = 255.0 * rng.uniform(-cfg.brightness, cfg.brightness)
         mean = img.mean(axis=(0, 1), keepdims=True)
         img = np.clip((img - mean) * gain + mean + shift, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(img)
+    return np.ascontiguousarray(img), (None if dens is None else np.ascontiguousarray(dens))
 
 
-def collate(items: list[tuple[np.ndarray, float, float]]
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate(items: list[tuple[np.ndarray, float, float, np.ndarray | None]]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Images of different sizes -> ``(tiles (N,3,t,t) uint8, image_index (N,), length (B,),
-    area (B,))``: all tiles in one tensor, with the image each belongs to."""
+    area (B,), tile_labels (N, 2))``: all tiles in one tensor, with the image each belongs to;
+    tile labels (length, area) are NaN for tiles of images without a mask."""
     import torch
 
-    tiles = torch.from_numpy(np.concatenate([t for t, _, _ in items], axis=0))
-    counts = torch.tensor([len(t) for t, _, _ in items])
+    tiles = torch.from_numpy(np.concatenate([it[0] for it in items], axis=0))
+    counts = torch.tensor([len(it[0]) for it in items])
     index = torch.repeat_interleave(torch.arange(len(items)), counts)
-    length = torch.tensor([x for _, x, _ in items], dtype=torch.float32)
-    area = torch.tensor([a for _, _, a in items], dtype=torch.float32)
-    return tiles, index, length, area
+    length = torch.tensor([it[1] for it in items], dtype=torch.float32)
+    area = torch.tensor([it[2] for it in items], dtype=torch.float32)
+    tile_y = torch.from_numpy(np.concatenate(
+        [it[3] if len(it) > 3 and it[3] is not None
+         else np.full((len(it[0]), 2), np.nan, np.float32) for it in items], axis=0))
+    return tiles, index, length, area, tile_y
 
 
 def epoch_lr(base: float, epoch: int, *, epochs: int, schedule: str, warmup_epochs: int = 0,
@@ -348,7 +406,8 @@ class RootQuantTask:
         mc = model.config
         common: dict[str, Any] = {"mm_per_px": mc.mm_per_px, "tile_px": model.tile_px, "fill": model.fill,
                   "storage_options": opts, "seed": ctx.run.seed}
-        self.train_set = RootQuantImages(self.train_labels, augment=cfg.augment, **common)
+        self.train_set = RootQuantImages(self.train_labels, augment=cfg.augment,
+                                         tile_labels=cfg.data.tile_labels, **common)
         self.val_set = RootQuantImages(self.val_labels, augment=None, **common)
         self.loader = ctx.loader(self.train_set, batch_size=cfg.optim.batch_images, shuffle=True,
                                  collate_fn=collate)
@@ -381,7 +440,7 @@ class RootQuantTask:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         import torch
 
-        from rootflow.models.rootquant import rootquant_loss
+        from rootflow.models.rootquant import rootquant_loss, tile_loss
 
         phase = self._set_phase(epoch)
         self.train_set.epoch = epoch
@@ -390,18 +449,26 @@ class RootQuantTask:
             self.net.backbone.eval()  # frozen backbone: keep its BatchNorm statistics too
         lc, mc = self.config.loss, self.net.config
         sums: dict[str, float] = {"loss": 0.0, "loss_length": 0.0, "loss_area": 0.0,
-                                  "loss_presence": 0.0}
+                                  "loss_presence": 0.0, "tile_loss_length": 0.0,
+                                  "tile_loss_area": 0.0, "tile_loss_presence": 0.0}
         n_img, n_tiles, t0 = 0, 0, time.perf_counter()
         dev = self.ctx.device
-        for tiles, index, length, area in self.loader:
+        for tiles, index, length, area, tile_y in self.loader:
             tiles, index = tiles.to(dev, non_blocking=True), index.to(dev)
-            length, area = length.to(dev), area.to(dev)
+            length, area, tile_y = length.to(dev), area.to(dev), tile_y.to(dev)
             out = self.model(tiles, index, len(length))
-            loss, parts = rootquant_loss(
+            img_loss, parts = rootquant_loss(
                 out, length, area, huber_delta=lc.huber_delta, area_weight=lc.area_weight,
                 presence_weight=lc.presence_weight,
                 presence_min_length_mm=lc.presence_min_length_mm,
                 length_scale_mm=mc.length_scale_mm, area_scale_mm2=mc.area_scale_mm2)
+            t_loss, t_parts = tile_loss(
+                out.tile_raw, tile_y[:, 0], tile_y[:, 1], huber_delta=lc.huber_delta,
+                area_weight=lc.area_weight, presence_weight=lc.presence_weight,
+                presence_min_length_mm=lc.tile_presence_min_length_mm,
+                length_scale_mm=mc.length_scale_mm, area_scale_mm2=mc.area_scale_mm2)
+            loss = lc.image_weight * img_loss + lc.tile_weight * t_loss
+            parts.update(t_parts)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.config.optim.grad_clip_norm:
@@ -446,7 +513,7 @@ class RootQuantTask:
             with torch.no_grad():
                 bs = self.config.optim.batch_images
                 for s in range(0, len(idx), bs):
-                    tiles, _, _, _ = collate([self.train_set[int(i)] for i in idx[s:s + bs]])
+                    tiles = collate([self.train_set[int(i)] for i in idx[s:s + bs]])[0]
                     self.net.forward_tiles(tiles.to(self.ctx.device))
         finally:
             self.train_set.augment = saved
@@ -466,7 +533,7 @@ class RootQuantTask:
         with torch.inference_mode():
             for s in range(0, len(idx), bs):
                 items = [self.val_set[i] for i in idx[s:s + bs]]
-                tiles, index, _, _ = collate(items)
+                tiles, index = collate(items)[:2]
                 raw = self.net.forward_tiles(tiles.to(self.ctx.device)).cpu()
                 length, area, logit = aggregate_tiles(raw, index, len(items))
                 preds["length"] += length.tolist()

@@ -148,3 +148,64 @@ def test_labels_from_masks_use_traits_measure(tmp_path) -> None:
     assert out["area_mm2"][1].as_py() == pytest.approx(want["projected_area_mm2"])
     with pytest.raises(labels.LabelError, match="has no key 'nope'"):
         labels.from_masks(rows, length_key="nope")
+
+
+# -- per-tile labels from masks (dense supervision) ---------------------------------------------
+def test_tile_labels_from_mask_sum_to_image_labels_and_sit_in_their_tiles() -> None:
+    from rootflow.models.rootquant import tile_image, to_model_scale
+
+    mask = np.zeros((100, 120), bool)
+    mask[10:12, 5:45] = True    # a 40 px horizontal root, all inside tile (0, 0) at 50 px tiles
+    mask[70:90, 100:103] = True  # a blob in tile (1, 2)
+    dens = labels.density_maps(mask, dpi=254.0, mm_per_px=0.1, length_mm=7.0, area_mm2=3.0)
+    assert dens is not None and dens.shape == (100, 120, 2)
+    assert dens[..., 0].sum() == pytest.approx(7.0, rel=1e-5)
+    assert dens[..., 1].sum() == pytest.approx(3.0, rel=1e-5)
+    sums = labels.tile_sums(dens, tile_px=50)
+    img = np.zeros((100, 120, 3), np.uint8)
+    assert len(sums) == len(tile_image(img, tile_px=50)) == 6  # same grid as the image tiles
+    assert sums.sum(axis=0) == pytest.approx([7.0, 3.0], rel=1e-5)
+    assert sums[0, 0] + sums[5, 0] == pytest.approx(7.0, rel=1e-5)  # only these two tiles
+    assert sums[0, 0] > sums[5, 0] > 0 and sums[0, 1] > 0 and sums[5, 1] > 0
+    assert np.all(sums[[1, 2, 3, 4]] == 0)
+    # an offset grid moves the sums but keeps their total and the tile count of tile_image
+    shifted = labels.tile_sums(dens, tile_px=50, offset=(30, 20))
+    assert len(shifted) == len(tile_image(img, tile_px=50, offset=(30, 20)))
+    assert shifted.sum(axis=0) == pytest.approx([7.0, 3.0], rel=1e-5)
+    # resampled to a coarser model scale: aligned with to_model_scale, sums still exact
+    coarse = labels.density_maps(mask, dpi=254.0, mm_per_px=0.25, length_mm=7.0, area_mm2=3.0)
+    assert coarse is not None
+    assert coarse.shape[:2] == to_model_scale(img, dpi=254.0, mm_per_px=0.25).shape[:2]
+    assert coarse.reshape(-1, 2).sum(axis=0) == pytest.approx([7.0, 3.0], rel=1e-4)
+
+
+def test_tile_labels_empty_mask() -> None:
+    empty = np.zeros((40, 40), bool)
+    zeros = labels.density_maps(empty, dpi=254.0, mm_per_px=0.1, length_mm=0.0, area_mm2=0.0)
+    assert zeros is not None and not zeros.any()  # an empty image: every tile is 0
+    # a positive label the mask cannot place: no tile labels (image loss only)
+    assert labels.density_maps(empty, dpi=254.0, mm_per_px=0.1, length_mm=5.0,
+                               area_mm2=1.0) is None
+
+
+def test_tile_loss_uses_known_tiles_only() -> None:
+    import torch
+
+    from rootflow.models.rootquant import tile_loss
+
+    # tile 0: present, 10 mm / 2 mm2 predicted exactly (huge presence logit); tile 1: empty,
+    # predicted absent; tile 2: unknown (NaN) with a wildly wrong prediction
+    raw = torch.tensor([[30.0, math.log(10.0), math.log(2.0)], [-30.0, 0.0, 0.0],
+                        [30.0, 10.0, 10.0]], requires_grad=True)
+    y_len = torch.tensor([10.0, 0.0, float("nan")])
+    y_area = torch.tensor([2.0, 0.0, float("nan")])
+    loss, parts = tile_loss(raw, y_len, y_area)
+    assert float(loss) == pytest.approx(0.0, abs=1e-6)
+    assert set(parts) == {"tile_loss_length", "tile_loss_area", "tile_loss_presence"}
+    loss.backward()
+    assert raw.grad is not None and torch.all(raw.grad[2] == 0)
+    wrong, _ = tile_loss(raw.detach(), torch.tensor([0.0, 10.0, 1.0]),
+                         torch.tensor([0.0, 2.0, 1.0]))
+    assert float(wrong) > 1.0
+    none, _ = tile_loss(raw, torch.full((3,), float("nan")), torch.full((3,), float("nan")))
+    assert float(none) == 0.0 and none.requires_grad
