@@ -80,10 +80,10 @@ def _bare_model(args: argparse.Namespace, overrides: dict) -> tuple[dict, Callab
         cfg = {"variant": args.variant, "device": args.device, **overrides}
         sam = RootSAMPredictor(RootSAMInferenceConfig(**cfg))
         return cfg, lambda batch, dpis: sam.predict(batch)
-    from rootflow.inference.rootquant import RootQuantInferenceConfig, RootQuantPredictor
+    from rootflow.inference.rootquant import RootQuantInferenceConfig, RootQuantStage
 
     cfg = {"backbone": args.backbone, "device": args.device, **overrides}
-    rq = RootQuantPredictor(RootQuantInferenceConfig(**cfg))
+    rq = RootQuantStage(RootQuantInferenceConfig(**cfg)).predictor  # built as the job builds it
     return cfg, lambda batch, dpis: rq.predict_many(batch, dpis=dpis)
 
 
