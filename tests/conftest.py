@@ -93,7 +93,8 @@ def s3() -> Iterator[S3Server]:
 
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    log = tempfile.NamedTemporaryFile(prefix="rf-moto-", suffix=".log", delete=False)
+    # Kept open for the server's lifetime (its stdout); closed in the finally below.
+    log = tempfile.NamedTemporaryFile(prefix="rf-moto-", suffix=".log", delete=False)  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=log, stderr=subprocess.STDOUT,
@@ -124,6 +125,7 @@ def s3() -> Iterator[S3Server]:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
 
 
 @pytest.fixture(scope="session")

@@ -409,7 +409,6 @@ def run_guarded(name: str, stage: Callable[[Batch], Batch], batch: Batch) -> Bat
     """Run one model stage with per-producer error isolation and timing (see ModelActor)."""
     t0 = time.perf_counter()
     before = _errors(batch)
-    n = _n(batch)
     inp = dict(batch)
     inp["error"] = _objects(before)  # the stage contract: None for rows that are fine
     try:
@@ -420,6 +419,6 @@ def run_guarded(name: str, stage: Callable[[Batch], Batch], batch: Batch) -> Bat
         out = dict(batch)
         new = [None if b else _fail(name, e) for b in before]
     out["error"] = _objects(before)
-    out[f"{name}_error"] = _objects(new[:n])
+    out[f"{name}_error"] = _objects(new)
     _timed(out, name, t0)
     return normalize(out)

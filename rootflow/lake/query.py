@@ -86,16 +86,22 @@ def _partition_part(filters: Filter | None) -> Any:
     return parts[0] if len(parts) == 1 else parts
 
 
-def _row_filter(filters: Filter | None) -> pc.Expression | None:
-    expr = None
+def _fold_dnf(filters: Filter | None, term: Any) -> Any:
+    """OR of ANDs of ``term(col, op, value)`` over the DNF ``filters`` (None when empty);
+    works for pyarrow and Polars expressions alike, both overloading ``&`` and ``|``."""
+    out = None
     for conj in _conjunctions(filters):
         e = None
         for col, op, value in conj:
-            term = _term(col, op, value)
-            e = term if e is None else (e & term)
+            t = term(col, op, value)
+            e = t if e is None else (e & t)
         if e is not None:
-            expr = e if expr is None else (expr | e)
-    return expr
+            out = e if out is None else (out | e)
+    return out
+
+
+def _row_filter(filters: Filter | None) -> pc.Expression | None:
+    return _fold_dnf(filters, _term)
 
 
 def _term(col: str, op: str, value: Any) -> pc.Expression:
@@ -191,15 +197,7 @@ def polars_traits(lake: Lake | str, *, latest: bool = True, filters: Filter | No
 
 
 def _polars_expr(filters: Filter | None) -> Any:
-    out = None
-    for conj in _conjunctions(filters):
-        e = None
-        for col, op, value in conj:
-            term = _polars_term(col, op, value)
-            e = term if e is None else (e & term)
-        if e is not None:
-            out = e if out is None else (out | e)
-    return out
+    return _fold_dnf(filters, _polars_term)
 
 
 def _polars_term(col: str, op: str, value: Any) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -69,7 +68,3 @@ def counts_by_image(table: pa.Table, model_name: str) -> dict[str, int]:
     for i in t["image_id"].to_pylist():
         out[i] = out.get(i, 0) + 1
     return out
-
-
-def local(path: Path) -> str:
-    return str(path)
