@@ -320,17 +320,26 @@ class Lake:
 
     def _ensure(self, name: Literal["traits", "runs", "rejects"], schema: pa.Schema,
                 partition_by: Sequence[str]) -> None:
-        from deltalake import DeltaTable
+        from deltalake import CommitProperties, DeltaTable
 
         if self.exists(name):
             return
-        DeltaTable.create(
-            self.table_uri(name), schema=schema, mode="ignore",
-            partition_by=list(partition_by) or None,
-            name=f"rootflow_{name}",
-            description=f"rootflow {name} table (schema version {_schema.SCHEMA_VERSION})",
-            storage_options=self.delta_storage_options(),
-        )
+        # Writers that start together all see "no table". With retries, delta-rs rebases a
+        # losing CREATE onto the winner's as a second CREATE TABLE version (seen with three
+        # concurrent writers); without retries the loser fails, and a table that exists now is
+        # all it wanted.
+        try:
+            DeltaTable.create(
+                self.table_uri(name), schema=schema, mode="error",
+                partition_by=list(partition_by) or None,
+                name=f"rootflow_{name}",
+                description=f"rootflow {name} table (schema version {_schema.SCHEMA_VERSION})",
+                storage_options=self.delta_storage_options(),
+                commit_properties=CommitProperties(max_commit_retries=0),
+            )
+        except Exception:
+            if not self.exists(name):
+                raise
 
     def _merge(self, name: Literal["traits", "runs", "rejects"], table: pa.Table, *,
                key: Sequence[str], partition_by: Sequence[str], update: bool = True) -> None:
