@@ -3,8 +3,8 @@
 :class:`RootQuantPredictor` turns images (any size, any dpi) into calibrated length (mm), area
 (mm2) and presence per image: each image is resampled to the model's ``mm_per_px``, cut into
 tiles, the tiles of a whole batch of images go through the network in chunks of ``tile_batch``
-(so a 2550 x 2273 scan and a 640 x 480 frame share GPU batches) and the per-tile hurdle outputs
-are summed back per image (:func:`rootflow.models.rootquant.aggregate_tiles`).
+(so a 2550 x 2273 scan and a 640 x 480 frame share GPU batches) and the cell maps are summed
+per tile on the device (:meth:`~rootflow.models.rootquant.RootQuant.summarize`), then per image (:func:`rootflow.models.rootquant.aggregate_tiles`).
 
 :class:`RootQuantStage` is the callable class of the stage contract (``contracts.md``): loaded
 once in ``__init__``, ``__call__(batch) -> batch`` under ``torch.inference_mode()``, rows with an
@@ -147,15 +147,16 @@ class RootQuantPredictor:
             return []
         counts = [len(t) for t in tiles]
         stacked = torch.from_numpy(np.concatenate(tiles, axis=0))
-        raw = torch.empty((stacked.shape[0], 3), dtype=torch.float32)
+        summary = torch.empty((stacked.shape[0], 3), dtype=torch.float32)
         for s in range(0, stacked.shape[0], self.tile_batch):
             chunk = stacked[s:s + self.tile_batch].to(self.device, non_blocking=True)
             if self.device.type == "cuda":
                 chunk = chunk.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                raw[s:s + len(chunk)] = self.model.forward_tiles(chunk).float().cpu()
+                cells = self.model.forward_tiles(chunk).float()
+            summary[s:s + len(chunk)] = self.model.summarize(cells).cpu()
         index = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
-        length, area, logit = rq.aggregate_tiles(raw, index, len(counts))
+        length, area, logit = rq.aggregate_tiles(summary, index, len(counts))
         presence = torch.sigmoid(logit)
         out = []
         for i, n in enumerate(counts):

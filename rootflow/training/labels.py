@@ -346,18 +346,29 @@ def density_maps(mask: np.ndarray, *, dpi: float, mm_per_px: float, length_mm: f
     return out
 
 
-def tile_sums(density: np.ndarray, *, tile_px: int,
+def cell_sums(density: np.ndarray, *, tile_px: int, cell_px: int,
               offset: tuple[int, int] = (0, 0)) -> np.ndarray:
-    """Per-tile sums ``(N, C)`` of ``(H, W, C)`` maps, tiled exactly like
-    :func:`rootflow.models.rootquant.tile_image` (same grid, offset and tile order)."""
+    """Per-cell sums ``(N, C, g, g)`` of ``(H, W, C)`` maps (``g = tile_px // cell_px``), tiled
+    exactly like :func:`rootflow.models.rootquant.tile_image` (same grid, offset, tile order):
+    the labels of RootQuant's cell maps."""
+    if tile_px % cell_px:
+        raise ValueError(f"tile_px={tile_px} must be a multiple of cell_px={cell_px}")
     h, w, c = density.shape
     dy, dx = offset
     nty = max(1, -(-(h + dy) // tile_px))
     ntx = max(1, -(-(w + dx) // tile_px))
+    g = tile_px // cell_px
     canvas = np.zeros((nty * tile_px, ntx * tile_px, c), np.float32)
     canvas[dy:dy + h, dx:dx + w] = density
-    return canvas.reshape(nty, tile_px, ntx, tile_px, c).sum(axis=(1, 3),
-                                                            dtype=np.float64).reshape(-1, c)
+    cells = canvas.reshape(nty, g, cell_px, ntx, g, cell_px, c).sum(axis=(2, 5), dtype=np.float64)
+    # (nty, g, ntx, g, c) -> (tiles, c, g, g) in tile_image's row-major tile order
+    return cells.transpose(0, 2, 4, 1, 3).reshape(nty * ntx, c, g, g)
+
+
+def tile_sums(density: np.ndarray, *, tile_px: int,
+              offset: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """Per-tile sums ``(N, C)`` of ``(H, W, C)`` maps (one cell per tile)."""
+    return cell_sums(density, tile_px=tile_px, cell_px=tile_px, offset=offset)[:, :, 0, 0]
 
 
 # -- helpers ----------------------------------------------------------------------------------

@@ -9,13 +9,12 @@ Data: per-image labels (:mod:`rootflow.training.labels`) and the images they nam
 read once, resampled to the model's ``mm_per_px`` and kept in memory (uint8) for the run; every
 epoch draws a fresh augmentation (flips, 90-degree turns, brightness/contrast, and a random
 offset of the tile grid so the model never learns where tile borders fall), cuts it into
-tiles, and the tiles of ``batch_images`` images go through the network together; their hurdle
-outputs are summed per image and compared with the image's label (a multiple-instance
-regression: labels are per image, predictions per tile). Where a mask exists (``mask_uri``),
-every tile is also supervised with the length/area of its part of the mask
-(:func:`rootflow.training.labels.density_maps`, :func:`rootflow.models.rootquant.tile_loss`):
-image sums alone were too weak a signal for a small network trained from scratch (it collapsed
-to "no root" on every image).
+tiles, and the tiles of ``batch_images`` images go through the network together; their cell
+maps are summed per image and compared with the image's label. Where a mask exists
+(``mask_uri``), every cell of every tile is also supervised with the length/area of its part of
+the mask (:func:`rootflow.training.labels.density_maps`,
+:func:`rootflow.models.rootquant.cell_loss`): image sums alone were too weak a signal for a
+small network trained from scratch (it collapsed to "no root" on every image).
 
 Fine-tuning to a new species from little data is the same task with ``init_from`` (a RootQuant
 checkpoint) and ``optim.head_only_epochs > 0``: the backbone is frozen (and its BatchNorm
@@ -68,7 +67,7 @@ class RootQuantDataConfig:
         folds / fold: k-fold split instead (``folds > 1``; ``fold`` is the held-out part).
         limit: use only this many training images (chosen by ``split_seed``): learning curves.
         tile_labels: when labels carry a ``mask_uri`` (``columns.mask``, ``source: masks``, or
-            a manifest with masks), supervise every tile with the length/area its part of the
+            a manifest with masks), supervise every cell with the length/area its part of the
             mask holds (:func:`rootflow.training.labels.density_maps`), on top of the image
             loss. Images without a usable mask fall back to the image loss alone.
     """
@@ -123,11 +122,12 @@ class RootQuantOptimConfig:
 @dataclasses.dataclass(frozen=True)
 class RootQuantLossConfig:
     """Weights of :func:`rootflow.models.rootquant.rootquant_loss` (per image) and
-    :func:`rootflow.models.rootquant.tile_loss` (per tile, where masks give tile labels).
+    :func:`rootflow.models.rootquant.cell_loss` (per cell, where masks give cell labels).
 
     Attributes:
-        image_weight / tile_weight: weights of the image-level and the tile-level loss.
-        tile_presence_min_length_mm: a tile counts as "root present" above this length.
+        image_weight / tile_weight: weights of the image-level and the dense (per-cell, where
+            masks give cell labels) loss.
+        cell_presence_min_length_mm: a cell counts as "root present" above this length.
     """
 
     huber_delta: float = 1.0
@@ -136,7 +136,7 @@ class RootQuantLossConfig:
     presence_min_length_mm: float = 0.0
     image_weight: float = 1.0
     tile_weight: float = 1.0
-    tile_presence_min_length_mm: float = 0.5
+    cell_presence_min_length_mm: float = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,17 +235,17 @@ def split_labels(table: pa.Table, data: RootQuantDataConfig) -> tuple[pa.Table, 
 # --------------------------------------------------------------------------------------------
 class RootQuantImages:
     """Map-style dataset: item ``i`` -> ``(tiles uint8 (N, 3, t, t), length_mm, area_mm2,
-    tile_labels (N, 2) float32 or None)``.
+    cell_labels (N, 2, g, g) float32, NaN without a mask)``.
 
     Images are read and resampled to ``mm_per_px`` on first use and cached (uint8), so later
     epochs cost only augmentation and tiling. With ``tile_labels`` and a ``mask_uri`` column,
     the mask's length/area density maps (:func:`rootflow.training.labels.density_maps`) are
     cached too and go through the same flips, turns and grid offset as the image, so every
-    tile gets its own length and area. Augmentations are seeded by (seed, epoch, index) so a
+    cell of every tile gets its own length and area. Augmentations are seeded by (seed, epoch, index) so a
     resumed run sees the same data it would have seen.
     """
 
-    def __init__(self, table: pa.Table, *, mm_per_px: float, tile_px: int,
+    def __init__(self, table: pa.Table, *, mm_per_px: float, tile_px: int, cell_px: int,
                  fill: tuple[int, int, int], augment: RootQuantAugmentConfig | None,
                  storage_options: storage.StorageLike = None, seed: int = 0,
                  tile_labels: bool = False) -> None:
@@ -253,7 +253,7 @@ class RootQuantImages:
         self.length_mm = table["length_mm"].to_numpy().astype(np.float32)
         self.area_mm2 = table["area_mm2"].to_numpy().astype(np.float32)
         self.dpi = table["dpi"].to_numpy(zero_copy_only=False).astype(float)
-        self.mm_per_px, self.tile_px, self.fill = mm_per_px, tile_px, fill
+        self.mm_per_px, self.tile_px, self.cell_px, self.fill = mm_per_px, tile_px, cell_px, fill
         self.augment = augment
         self.storage_options = storage_options
         self.seed = seed
@@ -295,7 +295,7 @@ class RootQuantImages:
             self._density[i] = dens
         return self._density[i]
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, float, float, np.ndarray | None]:
+    def __getitem__(self, i: int) -> tuple[np.ndarray, float, float, np.ndarray]:
         from rootflow.models.rootquant import tile_image
 
         img = self.image(i)
@@ -307,9 +307,13 @@ class RootQuantImages:
             if self.augment.random_offset:
                 offset = (int(rng.integers(self.tile_px)), int(rng.integers(self.tile_px)))
         tiles = tile_image(img, tile_px=self.tile_px, fill=self.fill, offset=offset)
-        tile_y = (None if dens is None else
-                  _labels.tile_sums(dens, tile_px=self.tile_px, offset=offset).astype(np.float32))
-        return tiles, float(self.length_mm[i]), float(self.area_mm2[i]), tile_y
+        g = self.tile_px // self.cell_px
+        if dens is None:
+            cell_y = np.full((len(tiles), 2, g, g), np.nan, np.float32)
+        else:
+            cell_y = _labels.cell_sums(dens, tile_px=self.tile_px, cell_px=self.cell_px,
+                                       offset=offset).astype(np.float32)
+        return tiles, float(self.length_mm[i]), float(self.area_mm2[i]), cell_y
 
 
 def _augment(img: np.ndarray, dens: np.ndarray | None, rng: np.random.Generator,
@@ -333,11 +337,11 @@ def _augment(img: np.ndarray, dens: np.ndarray | None, rng: np.random.Generator,
     return np.ascontiguousarray(img), (None if dens is None else np.ascontiguousarray(dens))
 
 
-def collate(items: list[tuple[np.ndarray, float, float, np.ndarray | None]]
+def collate(items: list[tuple[np.ndarray, float, float, np.ndarray]]
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Images of different sizes -> ``(tiles (N,3,t,t) uint8, image_index (N,), length (B,),
-    area (B,), tile_labels (N, 2))``: all tiles in one tensor, with the image each belongs to;
-    tile labels (length, area) are NaN for tiles of images without a mask."""
+    area (B,), cell_labels (N, 2, g, g))``: all tiles in one tensor, with the image each
+    belongs to; cell labels (length, area) are NaN for tiles of images without a mask."""
     import torch
 
     tiles = torch.from_numpy(np.concatenate([it[0] for it in items], axis=0))
@@ -345,10 +349,8 @@ def collate(items: list[tuple[np.ndarray, float, float, np.ndarray | None]]
     index = torch.repeat_interleave(torch.arange(len(items)), counts)
     length = torch.tensor([it[1] for it in items], dtype=torch.float32)
     area = torch.tensor([it[2] for it in items], dtype=torch.float32)
-    tile_y = torch.from_numpy(np.concatenate(
-        [it[3] if len(it) > 3 and it[3] is not None
-         else np.full((len(it[0]), 2), np.nan, np.float32) for it in items], axis=0))
-    return tiles, index, length, area, tile_y
+    cell_y = torch.from_numpy(np.concatenate([it[3] for it in items], axis=0))
+    return tiles, index, length, area, cell_y
 
 
 def epoch_lr(base: float, epoch: int, *, epochs: int, schedule: str, warmup_epochs: int = 0,
@@ -404,8 +406,9 @@ class RootQuantTask:
         self.net = model
         self.model = ctx.prepare_model(model)
         mc = model.config
-        common: dict[str, Any] = {"mm_per_px": mc.mm_per_px, "tile_px": model.tile_px, "fill": model.fill,
-                  "storage_options": opts, "seed": ctx.run.seed}
+        common: dict[str, Any] = {"mm_per_px": mc.mm_per_px, "tile_px": model.tile_px,
+                                  "cell_px": mc.cell_px, "fill": model.fill,
+                                  "storage_options": opts, "seed": ctx.run.seed}
         self.train_set = RootQuantImages(self.train_labels, augment=cfg.augment,
                                          tile_labels=cfg.data.tile_labels, **common)
         self.val_set = RootQuantImages(self.val_labels, augment=None, **common)
@@ -440,7 +443,7 @@ class RootQuantTask:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         import torch
 
-        from rootflow.models.rootquant import rootquant_loss, tile_loss
+        from rootflow.models.rootquant import cell_loss, rootquant_loss
 
         phase = self._set_phase(epoch)
         self.train_set.epoch = epoch
@@ -449,24 +452,23 @@ class RootQuantTask:
             self.net.backbone.eval()  # frozen backbone: keep its BatchNorm statistics too
         lc, mc = self.config.loss, self.net.config
         sums: dict[str, float] = {"loss": 0.0, "loss_length": 0.0, "loss_area": 0.0,
-                                  "loss_presence": 0.0, "tile_loss_length": 0.0,
-                                  "tile_loss_area": 0.0, "tile_loss_presence": 0.0}
+                                  "loss_presence": 0.0, "cell_loss_amount": 0.0,
+                                  "cell_loss_tile": 0.0, "cell_loss_presence": 0.0}
         n_img, n_tiles, t0 = 0, 0, time.perf_counter()
         dev = self.ctx.device
-        for tiles, index, length, area, tile_y in self.loader:
+        for tiles, index, length, area, cell_y in self.loader:
             tiles, index = tiles.to(dev, non_blocking=True), index.to(dev)
-            length, area, tile_y = length.to(dev), area.to(dev), tile_y.to(dev)
+            length, area, cell_y = length.to(dev), area.to(dev), cell_y.to(dev)
             out = self.model(tiles, index, len(length))
             img_loss, parts = rootquant_loss(
                 out, length, area, huber_delta=lc.huber_delta, area_weight=lc.area_weight,
                 presence_weight=lc.presence_weight,
                 presence_min_length_mm=lc.presence_min_length_mm,
                 length_scale_mm=mc.length_scale_mm, area_scale_mm2=mc.area_scale_mm2)
-            t_loss, t_parts = tile_loss(
-                out.tile_raw, tile_y[:, 0], tile_y[:, 1], huber_delta=lc.huber_delta,
+            t_loss, t_parts = cell_loss(
+                out.tile_raw, cell_y, self.net.units, huber_delta=lc.huber_delta,
                 area_weight=lc.area_weight, presence_weight=lc.presence_weight,
-                presence_min_length_mm=lc.tile_presence_min_length_mm,
-                length_scale_mm=mc.length_scale_mm, area_scale_mm2=mc.area_scale_mm2)
+                presence_min_length_mm=lc.cell_presence_min_length_mm)
             loss = lc.image_weight * img_loss + lc.tile_weight * t_loss
             parts.update(t_parts)
             self.optimizer.zero_grad(set_to_none=True)
@@ -534,8 +536,8 @@ class RootQuantTask:
             for s in range(0, len(idx), bs):
                 items = [self.val_set[i] for i in idx[s:s + bs]]
                 tiles, index = collate(items)[:2]
-                raw = self.net.forward_tiles(tiles.to(self.ctx.device)).cpu()
-                length, area, logit = aggregate_tiles(raw, index, len(items))
+                raw = self.net.summarize(self.net.forward_tiles(tiles.to(self.ctx.device)))
+                length, area, logit = aggregate_tiles(raw.cpu(), index, len(items))
                 preds["length"] += length.tolist()
                 preds["area"] += area.tolist()
                 preds["logit"] += logit.tolist()

@@ -20,7 +20,7 @@ def ckpt(tmp_path_factory) -> tuple[str, str]:
     torch.manual_seed(0)
     model = rq.RootQuant(TINY)
     with torch.no_grad():  # presence bias up so random weights do not zero everything
-        model.head.fc2.bias[0] = 2.0
+        model.head.out.bias[0] = 2.0
     uri = str(tmp_path_factory.mktemp("rq") / "model.pt")
     return uri, rq.save(model, uri)
 

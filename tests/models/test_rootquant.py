@@ -38,25 +38,46 @@ def test_target_transform_round_trip_including_zero() -> None:
     assert torch.all(torch.diff(rq.target_transform(y)) > 0)  # monotone
 
 
-def test_aggregate_tiles_is_a_hurdle_sum() -> None:
-    raw = torch.tensor([[0.0, math.log(10.0), math.log(4.0)],
-                        [2.0, math.log(30.0), math.log(6.0)],
-                        [-1.0, math.log(8.0), math.log(2.0)]])
-    index = torch.tensor([0, 0, 1])
-    length, area, logit = rq.aggregate_tiles(raw, index, 3)  # image 2 has no tiles
+def test_cells_sum_into_tiles_and_images_as_a_hurdle() -> None:
+    """Cell amounts are sigmoid(z) * softplus(a) * unit; tiles sum their cells, images their
+    tiles; an image's presence is its most certain cell's."""
+    torch.manual_seed(0)
+    raw = torch.randn(3, 3, 2, 2) * 2
+    units = (0.8, 0.3)
+    cells = rq.cell_amounts(raw, units)
     p = torch.sigmoid(raw[:, 0])
-    assert length[0].item() == pytest.approx((p[0] * 10 + p[1] * 30).item(), rel=1e-5)
-    assert area[1].item() == pytest.approx((p[2] * 2).item(), rel=1e-5)
-    p_img0 = 1 - (1 - p[0]) * (1 - p[1])
-    assert torch.sigmoid(logit[0]).item() == pytest.approx(p_img0.item(), rel=1e-5)
-    assert length[2].item() == 0.0 and torch.sigmoid(logit[2]).item() < 1e-4
+    assert torch.allclose(cells[:, 0], p * torch.nn.functional.softplus(raw[:, 1]) * 0.8)
+    assert torch.allclose(cells[:, 1], p * torch.nn.functional.softplus(raw[:, 2]) * 0.3)
+    summary = rq.summarize_tiles(raw, units)
+    assert summary.shape == (3, 3)
+    assert torch.allclose(summary[:, :2], cells.sum(dim=(2, 3)))
+    assert torch.equal(summary[:, 2], raw[:, 0].amax(dim=(1, 2)))
+    length, area, logit = rq.aggregate_tiles(summary, torch.tensor([0, 0, 1]), 3)  # 2: no tiles
+    assert length[0].item() == pytest.approx(summary[:2, 0].sum().item(), rel=1e-6)
+    assert area[1].item() == pytest.approx(summary[2, 1].item(), rel=1e-6)
+    assert logit[0].item() == pytest.approx(summary[:2, 2].max().item())
+    assert length[2].item() == 0.0 and torch.sigmoid(logit[2]).item() < 1e-6
 
 
-def test_head_starts_at_configured_magnitude() -> None:
-    head = rq.HurdleHead(16, hidden=8, init_length=20.0, init_area=5.0)
-    out = head(torch.zeros(4, 16))
-    assert torch.exp(out[:, 1]).mean().item() == pytest.approx(20.0, rel=0.3)
-    assert torch.exp(out[:, 2]).mean().item() == pytest.approx(5.0, rel=0.3)
+def test_cell_units_follow_the_physical_cell() -> None:
+    a = rq.cell_units(rq.RootQuantConfig(mm_per_px=0.2, cell_px=8))
+    b = rq.cell_units(rq.RootQuantConfig(mm_per_px=0.1, cell_px=8))
+    assert a == pytest.approx((0.8, 0.512)) and b == pytest.approx((a[0] / 2, a[1] / 4))
+
+
+def test_head_starts_with_configured_presence_and_small_amounts() -> None:
+    head = rq.DensityHead(16, 32, hidden=8, init_presence=-2.0)
+    raw = head(torch.zeros(2, 16, 8, 8), torch.zeros(2, 32, 2, 2))
+    assert raw.shape == (2, 3, 8, 8)
+    assert raw[:, 0].mean().item() == pytest.approx(-2.0, abs=0.1)
+    assert torch.all(raw[:, 1:].abs() < 1.0)  # softplus(~0): ~0.7 units per cell
+
+
+def test_model_rejects_tiles_that_do_not_fit_the_cells() -> None:
+    with pytest.raises(ValueError, match="multiple of cell_px"):
+        rq.RootQuant(rq.RootQuantConfig(backbone="resnet10t", tile_px=60, cell_px=8))
+    with pytest.raises(ValueError, match="no feature map at reduction"):
+        rq.RootQuant(rq.RootQuantConfig(backbone="resnet10t", tile_px=64, cell_px=6))
 
 
 # -- zero inflation -----------------------------------------------------------------------------
@@ -68,25 +89,27 @@ def test_loss_handles_empty_batch_and_all_zero_labels() -> None:
     assert loss.item() == 0.0 and parts["loss_length"] == 0.0
 
     zeros = torch.zeros(3)
-    for presence_bias, expect_small in ((-12.0, True), (6.0, False)):
-        tile = torch.tensor([[presence_bias, math.log(50.0), math.log(20.0)]] * 3)
-        length, area, logit = rq.aggregate_tiles(tile, torch.arange(3), 3)
-        out = rq.RootQuantOutput(length, area, logit, tile)
+    for presence_bias, expect_small in ((-14.0, True), (6.0, False)):
+        cells = torch.tensor([presence_bias, 50.0, 20.0]).view(1, 3, 1, 1).repeat(3, 1, 1, 1)
+        length, area, logit = rq.aggregate_tiles(rq.summarize_tiles(cells, (1.0, 1.0)),
+                                                 torch.arange(3), 3)
+        out = rq.RootQuantOutput(length, area, logit, cells)
         loss, _ = rq.rootquant_loss(out, zeros, zeros)
         assert math.isfinite(loss.item())
         assert (loss.item() < 1e-3) == expect_small  # "no root" predicted: nothing to pay
 
 
 def test_hurdle_fits_zero_inflated_targets() -> None:
-    """Free per-image tile outputs fitted by the loss: zeros become ~0 with low presence,
+    """Free per-image cell maps fitted by the image loss: zeros become ~0 with low presence,
     positives reach their value: the head can express both sides of the hurdle."""
     torch.manual_seed(0)
     target = torch.tensor([0.0, 0.0, 50.0, 0.0, 3.0, 400.0])
-    raw = torch.nn.Parameter(torch.zeros(len(target), 3))
+    raw = torch.nn.Parameter(torch.zeros(len(target), 3, 4, 4))
     opt = torch.optim.Adam([raw], lr=0.1)
     idx = torch.arange(len(target))
     for _ in range(600):
-        length, area, logit = rq.aggregate_tiles(raw, idx, len(target))
+        length, area, logit = rq.aggregate_tiles(rq.summarize_tiles(raw, (10.0, 5.0)), idx,
+                                                 len(target))
         loss, _ = rq.rootquant_loss(rq.RootQuantOutput(length, area, logit, raw),
                                     target, target / 2)
         opt.zero_grad()
@@ -169,10 +192,10 @@ def test_checkpoint_sha_mismatch_and_bad_files(tmp_path, tiny: rq.RootQuant) -> 
     with pytest.raises(ValueError, match="not a RootQuant checkpoint"):
         rq.load(other)
     obj = checkpoint.load(uri)
-    obj["state_dict"].pop("head.fc2.bias")
+    obj["state_dict"].pop("head.out.bias")
     obj["state_dict"]["head.extra"] = torch.zeros(1)
     checkpoint.save(obj, str(tmp_path / "bad.pt"))
-    with pytest.raises(checkpoint.CheckpointMismatchError, match="head.fc2.bias"):
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="head.out.bias"):
         rq.load(str(tmp_path / "bad.pt"))
 
 
@@ -219,14 +242,15 @@ def test_registry_factories() -> None:
         create_model("rootquant_tiny_typo")
     mobile = create_model("rootquant", backbone="mobilenetv3_small_050", tile_px=64).eval()
     out = _predict(mobile, np.zeros((64, 64, 3), np.uint8), 25.4 / 0.1)
-    assert out.tile_raw.shape == (1, 3)  # head sized from timm's pre-logits width (1024)
+    assert out.tile_raw.shape == (1, 3, 8, 8)  # 64 px tile, 8 px cells
 
 
 def test_inception_resnet_v2_builds_and_runs_one_tile() -> None:
     model = rq.RootQuant().eval()
-    assert model.config.backbone == "inception_resnet_v2" and model.tile_px == 299
+    assert model.config.backbone == "inception_resnet_v2" and model.tile_px == 296  # 37 cells
     assert model.config.mean == (0.5, 0.5, 0.5)
     assert sum(p.numel() for p in model.parameters()) > 50_000_000
-    img = np.full((250, 250, 3), 120, np.uint8)  # 250 px at 254 dpi -> one 299 px tile
+    img = np.full((250, 250, 3), 120, np.uint8)  # 250 px at 254 dpi -> one 296 px tile
     out = _predict(model, img, 254.0)
-    assert out.tile_raw.shape == (1, 3) and torch.isfinite(out.length_mm).all()
+    # inception's 'valid' convolutions give a 34 x 34 stride-8 map: resampled to the 37 cells
+    assert out.tile_raw.shape == (1, 3, 37, 37) and torch.isfinite(out.length_mm).all()

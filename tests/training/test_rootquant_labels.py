@@ -150,7 +150,7 @@ def test_labels_from_masks_use_traits_measure(tmp_path) -> None:
         labels.from_masks(rows, length_key="nope")
 
 
-# -- per-tile labels from masks (dense supervision) ---------------------------------------------
+# -- per-tile and per-cell labels from masks (dense supervision) ---------------------------------------------
 def test_tile_labels_from_mask_sum_to_image_labels_and_sit_in_their_tiles() -> None:
     from rootflow.models.rootquant import tile_image, to_model_scale
 
@@ -188,24 +188,50 @@ def test_tile_labels_empty_mask() -> None:
                                area_mm2=1.0) is None
 
 
-def test_tile_loss_uses_known_tiles_only() -> None:
+def test_cell_sums_follow_the_tile_grid() -> None:
+    from rootflow.models.rootquant import tile_image
+
+    rng = np.random.default_rng(0)
+    dens = rng.random((70, 100, 2)).astype(np.float32)
+    for offset in ((0, 0), (5, 13)):
+        cells = labels.cell_sums(dens, tile_px=32, cell_px=8, offset=offset)
+        tiles = labels.tile_sums(dens, tile_px=32, offset=offset)
+        assert cells.shape == (len(tiles), 2, 4, 4)
+        assert len(tiles) == len(tile_image(np.zeros((70, 100, 3), np.uint8), tile_px=32,
+                                            offset=offset))
+        np.testing.assert_allclose(cells.sum(axis=(2, 3)), tiles, rtol=1e-5)
+        np.testing.assert_allclose(cells.sum(axis=(0, 2, 3)), dens.sum(axis=(0, 1)), rtol=1e-5)
+    # cell (r, c) of tile 0 at offset (0, 0) is exactly that 8 x 8 block
+    cells = labels.cell_sums(dens, tile_px=32, cell_px=8)
+    assert cells[0, 1, 2, 3] == pytest.approx(dens[16:24, 24:32, 1].sum(), rel=1e-5)
+    assert cells[1, 0, 0, 0] == pytest.approx(dens[0:8, 32:40, 0].sum(), rel=1e-5)
+    with pytest.raises(ValueError, match="multiple"):
+        labels.cell_sums(dens, tile_px=30, cell_px=8)
+
+
+def test_cell_loss_uses_known_tiles_only() -> None:
     import torch
 
-    from rootflow.models.rootquant import tile_loss
+    from rootflow.models.rootquant import cell_amounts, cell_loss
 
-    # tile 0: present, 10 mm / 2 mm2 predicted exactly (huge presence logit); tile 1: empty,
-    # predicted absent; tile 2: unknown (NaN) with a wildly wrong prediction
-    raw = torch.tensor([[30.0, math.log(10.0), math.log(2.0)], [-30.0, 0.0, 0.0],
-                        [30.0, 10.0, 10.0]], requires_grad=True)
-    y_len = torch.tensor([10.0, 0.0, float("nan")])
-    y_area = torch.tensor([2.0, 0.0, float("nan")])
-    loss, parts = tile_loss(raw, y_len, y_area)
-    assert float(loss) == pytest.approx(0.0, abs=1e-6)
-    assert set(parts) == {"tile_loss_length", "tile_loss_area", "tile_loss_presence"}
+    units = (0.8, 0.5)
+    # tile 0: cells predicted (almost) exactly; tile 1: unknown (NaN), wildly wrong prediction
+    raw = torch.zeros(2, 3, 2, 2)
+    raw[0, 0] = torch.tensor([[30.0, -30.0], [-30.0, -30.0]])  # one present cell
+    raw[0, 1:, 0, 0] = 10.0
+    raw[1] = 30.0
+    raw.requires_grad_(True)
+    y = torch.full((2, 2, 2, 2), float("nan"))
+    y[0] = cell_amounts(raw.detach()[:1], units)[0]
+    loss, parts = cell_loss(raw, y, units)
+    assert set(parts) == {"cell_loss_amount", "cell_loss_tile", "cell_loss_presence"}
+    assert float(loss) == pytest.approx(0.0, abs=1e-5)
     loss.backward()
-    assert raw.grad is not None and torch.all(raw.grad[2] == 0)
-    wrong, _ = tile_loss(raw.detach(), torch.tensor([0.0, 10.0, 1.0]),
-                         torch.tensor([0.0, 2.0, 1.0]))
-    assert float(wrong) > 1.0
-    none, _ = tile_loss(raw, torch.full((3,), float("nan")), torch.full((3,), float("nan")))
+    assert raw.grad is not None and torch.all(raw.grad[1] == 0)
+    wrong = torch.zeros(2, 2, 2, 2)
+    wrong[:, :, 1, 1] = 3.0  # root in another cell
+    assert float(cell_loss(raw.detach(), wrong, units)[0]) > 1.0
+    none, _ = cell_loss(raw, torch.full((2, 2, 2, 2), float("nan")), units)
     assert float(none) == 0.0 and none.requires_grad
+    with pytest.raises(ValueError, match="do not fit"):
+        cell_loss(raw, torch.zeros(2, 2, 3, 3), units)

@@ -43,12 +43,12 @@ def test_head_only_then_all_phases(label_csv) -> None:
     task.setup(_ctx(epochs=2))
     assert task.train_labels.num_rows == 12 and task.val_labels.num_rows == 4
     bb0 = {k: v.clone() for k, v in task.net.backbone.state_dict().items()}
-    head0 = task.net.head.fc1.weight.clone()
+    head0 = task.net.head.mix.weight.clone()
     m0 = task.train_epoch(0)
     assert m0["backbone_trainable"] == 0.0 and np.isfinite(m0["loss"])
     for k, v in task.net.backbone.state_dict().items():  # weights and BN statistics frozen
         assert torch.equal(v, bb0[k]), k
-    assert not torch.equal(task.net.head.fc1.weight, head0)
+    assert not torch.equal(task.net.head.mix.weight, head0)
     m1 = task.train_epoch(1)
     assert m1["backbone_trainable"] == 1.0
     assert not torch.equal(task.net.backbone.conv1[0].weight, bb0["conv1.0.weight"])
