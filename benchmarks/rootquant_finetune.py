@@ -28,7 +28,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.rootquant_synth import GT_COLUMNS, evaluate, make_archive  # noqa: E402
+from benchmarks.rootquant_synth import GT_COLUMNS, TRAIN_COLUMNS, evaluate, make_archive  # noqa: E402
 
 
 def run_in_process(cfg, *, epochs: int, export_uri: str) -> dict[str, float]:  # type: ignore[no-untyped-def]
@@ -58,9 +58,12 @@ def main() -> None:
     ap.add_argument("--target-look", default="sand")
     ap.add_argument("--ns", default="0,25,50,100,200")
     ap.add_argument("--n-val", type=int, default=100)
-    ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--head-epochs", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--head-epochs", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--target-masks", action=argparse.BooleanOptionalAction, default=False,
+                    help="fine-tune with the target's masks (per-cell labels); default: per-image "
+                         "length/area only, as a WinRHIZO export of a new species would give")
     ap.add_argument("--scratch", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -93,7 +96,9 @@ def main() -> None:
                     model=dataclasses.replace(base.config, mean=None, std=None),
                     init_from=args.pretrained if mode == "finetune" else None,
                     data=rqt.RootQuantDataConfig(uri=str(pool_gt),
-                                                 columns=LabelColumns(**GT_COLUMNS),
+                                                 columns=LabelColumns(
+                                                     **(TRAIN_COLUMNS if args.target_masks
+                                                        else GT_COLUMNS)),
                                                  val_uri=str(val_gt), limit=n),
                     optim=rqt.RootQuantOptimConfig(
                         batch_images=8, lr=args.lr, backbone_lr=args.lr / 10
@@ -104,6 +109,7 @@ def main() -> None:
             m = evaluate(uri, val_gt)
             print(json.dumps({"benchmark": "rootquant_finetune", "target_look": args.target_look,
                               "mode": mode, "n_train": n, "epochs": 0 if n == 0 else args.epochs,
+                              "target_masks": args.target_masks,
                               "seconds": round(time.perf_counter() - t0, 1),
                               **{k: round(v, 4) for k, v in m.items()}}), flush=True)
 

@@ -12,7 +12,7 @@ The dpi of these archives is not in their metadata; ``--dpi`` is an assumption. 
 depend on it (one dpi per dataset scales every label and prediction alike); MAE is in "mm at
 the assumed dpi". ``--scale`` sets the input scale relative to the native pixels (0.5 = half).
 
-    nice -n 10 .venv/bin/python benchmarks/rootquant_real.py --dataset prmi_peanut --folds 5 --epochs 8
+    nice -n 10 .venv/bin/python benchmarks/rootquant_real.py --dataset prmi_peanut --folds 5 --epochs 20
 
 Reads ``$ROOTFLOW_REAL_DATA`` (default ``/work/shared/data/real``); never copies the data.
 """
@@ -42,9 +42,12 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=0.5, help="model pixels per native pixel")
     ap.add_argument("--backbone", default="test_efficientnet")
     ap.add_argument("--tile-px", type=int, default=128)
+    ap.add_argument("--cell-px", type=int, default=8)
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True,
+                    help="supervise every cell from the masks (else image labels only)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
@@ -91,9 +94,11 @@ def main() -> None:
         pq.write_table(va, tmp / f"val{k}.parquet")
         cfg = rqt.RootQuantTrainConfig(
             model=RootQuantConfig(backbone=args.backbone, tile_px=args.tile_px,
-                                  mm_per_px=mm_per_px, head_hidden=128),
+                                  mm_per_px=mm_per_px, cell_px=args.cell_px, head_hidden=64),
             data=rqt.RootQuantDataConfig(uri=str(tmp / f"train{k}.parquet"),
-                                         val_uri=str(tmp / f"val{k}.parquet")),
+                                         columns=L.LabelColumns(mask="mask_uri"),
+                                         val_uri=str(tmp / f"val{k}.parquet"),
+                                         tile_labels=args.dense),
             optim=rqt.RootQuantOptimConfig(batch_images=4, lr=args.lr, warmup_epochs=1))
         t1 = time.perf_counter()
         uri = str(tmp / f"model{k}.pt")
@@ -119,6 +124,7 @@ def main() -> None:
     print(json.dumps({"benchmark": "rootquant_real", "dataset": args.dataset,
                       "n_images": lab.num_rows, "folds": args.folds, "grouped_by": "window",
                       "backbone": args.backbone, "init": "random", "epochs": args.epochs,
+                      "dense": args.dense, "tile_px": args.tile_px, "cell_px": args.cell_px,
                       "assumed_dpi": args.dpi, "mm_per_px": round(mm_per_px, 4),
                       **{k: round(v, 4) for k, v in total.items()}}), flush=True)
 

@@ -3,7 +3,7 @@
 
 Measures the predictor end to end (resample to mm_per_px, tile, forward, sum per image) on:
 
-* ``tile``: one 299 x 299 image at exactly the model scale = one inception_resnet_v2 input;
+* ``tile``: one image of exactly one tile at the model scale (296 x 296 for inception_resnet_v2);
   images/s here is the backbone's throughput at its input size;
 * ``frame``: a 736 x 552 minirhizotron frame at ``--frame-dpi`` (PRMI-sized), several tiles.
 

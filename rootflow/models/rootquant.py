@@ -578,7 +578,7 @@ WEIGHTS: dict[str, WeightSpec] = {
 
 @register_model("rootquant")
 def rootquant(*, storage_options: storage.StorageLike = None, **kwargs: Any) -> RootQuant:
-    """RootQuant with any timm backbone (default inception_resnet_v2, 299 px tiles)."""
+    """RootQuant with any timm backbone (default inception_resnet_v2, 296 px tiles of 8 px cells)."""
     return build(RootQuantConfig(**kwargs), storage_options=storage_options)
 
 
