@@ -5,9 +5,11 @@ Pre-trained model: a RootQuant checkpoint trained on look ``--source-look`` (e.g
 ``benchmarks/rootquant_synth.py``; ``--pretrained``). Target: look ``--target-look`` archives
 from :mod:`rootflow.synth` (train pool seed 2, held-out val seed 1002). For each N in ``--ns``:
 
-* ``finetune``: from the pre-trained checkpoint, backbone frozen for ``--head-epochs``, then the
+* ``finetune``: from the pre-trained checkpoint, backbone frozen for the first
+  ``--head-fraction`` of the epochs, then the
   whole network at ``lr / 10`` (the recipe of :mod:`rootflow.training.rootquant_task`);
-* ``scratch``: same epochs and data from random initialisation (what pre-training buys);
+* ``scratch``: same steps and data from random initialisation (what pre-training buys);
+* every run gets ``--steps`` optimiser steps of 8 images, whatever N;
 * N = 0 is the pre-trained model applied as is (zero-shot across the domain shift).
 
 The task runs in-process (``LoopContext`` on one CPU, no Ray Train start per point: same task
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import pathlib
 import sys
 import time
@@ -45,8 +48,9 @@ def run_in_process(cfg, *, epochs: int, export_uri: str) -> dict[str, float]:  #
     task.setup(ctx)
     last: dict[str, float] = {}
     for e in range(epochs):
-        last = {**task.train_epoch(e), **{f"val_{k}": v for k, v in task.validate(e).items()}}
-        ctx.best = last
+        last = task.train_epoch(e)
+    last.update({f"val_{k}": v for k, v in task.validate(epochs - 1).items()})
+    ctx.best = last
     task.export(export_uri)
     return last
 
@@ -58,8 +62,13 @@ def main() -> None:
     ap.add_argument("--target-look", default="sand")
     ap.add_argument("--ns", default="0,25,50,100,200")
     ap.add_argument("--n-val", type=int, default=100)
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--head-epochs", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=300,
+                    help="optimiser steps per run, whatever N (epochs = steps * batch / N): a "
+                         "fixed number of epochs would give the small N almost no training")
+    ap.add_argument("--head-fraction", type=float, default=0.2,
+                    help="share of the epochs with the backbone frozen (fine-tuning)")
+    ap.add_argument("--backbone-lr-factor", type=float, default=0.1,
+                    help="fine-tuning backbone lr = lr x this, once it trains")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--target-masks", action=argparse.BooleanOptionalAction, default=False,
                     help="fine-tune with the target's masks (per-cell labels); default: per-image "
@@ -87,6 +96,8 @@ def main() -> None:
     for n in ns:
         modes = ["zero_shot"] if n == 0 else (["finetune", "scratch"] if args.scratch
                                              else ["finetune"])
+        epochs = max(2, math.ceil(args.steps * 8 / max(n, 1)))
+        head_epochs = round(args.head_fraction * epochs)
         for mode in modes:
             t0 = time.perf_counter()
             if mode == "zero_shot":
@@ -101,15 +112,17 @@ def main() -> None:
                                                         else GT_COLUMNS)),
                                                  val_uri=str(val_gt), limit=n),
                     optim=rqt.RootQuantOptimConfig(
-                        batch_images=8, lr=args.lr, backbone_lr=args.lr / 10
+                        batch_images=8, lr=args.lr, backbone_lr=args.lr * args.backbone_lr_factor
                         if mode == "finetune" else None,
-                        head_only_epochs=args.head_epochs if mode == "finetune" else 0))
+                        head_only_epochs=head_epochs if mode == "finetune" else 0))
                 uri = str(out_dir / f"{args.target_look}-{mode}-{n}.pt")
-                run_in_process(cfg, epochs=args.epochs, export_uri=uri)
+                run_in_process(cfg, epochs=epochs, export_uri=uri)
             m = evaluate(uri, val_gt)
             print(json.dumps({"benchmark": "rootquant_finetune", "target_look": args.target_look,
-                              "mode": mode, "n_train": n, "epochs": 0 if n == 0 else args.epochs,
-                              "target_masks": args.target_masks,
+                              "mode": mode, "n_train": n, "epochs": 0 if n == 0 else epochs,
+                              "target_masks": args.target_masks, "steps": args.steps,
+                              "head_epochs": head_epochs if mode == "finetune" else 0,
+                              "backbone_lr_factor": args.backbone_lr_factor,
                               "seconds": round(time.perf_counter() - t0, 1),
                               **{k: round(v, 4) for k, v in m.items()}}), flush=True)
 
