@@ -6,8 +6,9 @@ Pre-trained model: a RootQuant checkpoint trained on look ``--source-look`` (e.g
 from :mod:`rootflow.synth` (train pool seed 2, held-out val seed 1002). For each N in ``--ns``:
 
 * ``finetune``: from the pre-trained checkpoint, backbone frozen for the first
-  ``--head-fraction`` of the epochs, then the
-  whole network at ``lr / 10`` (the recipe of :mod:`rootflow.training.rootquant_task`);
+  ``--head-fraction`` of the epochs (default 0), then the whole network with the backbone at
+  ``lr * --backbone-lr-factor`` (default 1: measured better than head-first + lr/10 across a
+  change of look, docs/rootquant.md);
 * ``scratch``: same steps and data from random initialisation (what pre-training buys);
 * every run gets ``--steps`` optimiser steps of 8 images, whatever N;
 * N = 0 is the pre-trained model applied as is (zero-shot across the domain shift).
@@ -65,14 +66,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300,
                     help="optimiser steps per run, whatever N (epochs = steps * batch / N): a "
                          "fixed number of epochs would give the small N almost no training")
-    ap.add_argument("--head-fraction", type=float, default=0.2,
+    ap.add_argument("--head-fraction", type=float, default=0.0,
                     help="share of the epochs with the backbone frozen (fine-tuning)")
-    ap.add_argument("--backbone-lr-factor", type=float, default=0.1,
+    ap.add_argument("--backbone-lr-factor", type=float, default=1.0,
                     help="fine-tuning backbone lr = lr x this, once it trains")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--target-masks", action=argparse.BooleanOptionalAction, default=False,
                     help="fine-tune with the target's masks (per-cell labels); default: per-image "
                          "length/area only, as a WinRHIZO export of a new species would give")
+    ap.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--scratch", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -94,8 +96,8 @@ def main() -> None:
     out_dir = work / "finetune"
     out_dir.mkdir(parents=True, exist_ok=True)
     for n in ns:
-        modes = ["zero_shot"] if n == 0 else (["finetune", "scratch"] if args.scratch
-                                             else ["finetune"])
+        modes = ["zero_shot"] if n == 0 else (["finetune"] * args.finetune
+                                             + ["scratch"] * args.scratch)
         epochs = max(2, math.ceil(args.steps * 8 / max(n, 1)))
         head_epochs = round(args.head_fraction * epochs)
         for mode in modes:
