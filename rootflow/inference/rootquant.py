@@ -4,7 +4,8 @@
 (mm2) and presence per image: each image is resampled to the model's ``mm_per_px``, cut into
 tiles, the tiles of a whole batch of images go through the network in chunks of ``tile_batch``
 (so a 2550 x 2273 scan and a 640 x 480 frame share GPU batches) and the cell maps are summed
-per tile on the device (:meth:`~rootflow.models.rootquant.RootQuant.summarize`), then per image (:func:`rootflow.models.rootquant.aggregate_tiles`).
+per tile on the device (:meth:`~rootflow.models.rootquant.RootQuant.summarize`), then per image
+(:func:`rootflow.models.rootquant.aggregate_tiles`).
 
 :class:`RootQuantStage` is the callable class of the stage contract (``contracts.md``): loaded
 once in ``__init__``, ``__call__(batch) -> batch`` under ``torch.inference_mode()``, rows with an

@@ -183,10 +183,12 @@ class DensityHead(nn.Module):
         self.coarse = nn.Conv2d(coarse_channels, hidden, 1)
         self.mix = nn.Conv2d(hidden, hidden, 3, padding=1)
         self.drop = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.out = nn.Conv2d(hidden, 3, 1)
+        self.out = nn.Conv2d(hidden, 3, 1, bias=True)
+        bias = self.out.bias
+        assert bias is not None  # bias=True
         with torch.no_grad():
             self.out.weight.mul_(0.1)
-            self.out.bias.copy_(torch.tensor([float(init_presence), 0.0, 0.0]))
+            bias.copy_(torch.tensor([float(init_presence), 0.0, 0.0]))
 
     def forward(self, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
         x = self.fine(fine)
@@ -372,18 +374,11 @@ class RootQuant(nn.Module):
         self.head = DensityHead(int(fine[-1]["num_chs"]), int(info[-1]["num_chs"]),
                                 hidden=cfg.head_hidden, dropout=cfg.dropout,
                                 init_presence=cfg.init_presence_logit)
-        self._features: dict[str, torch.Tensor] = {}
-        modules = dict(self.backbone.named_modules())
         for name in self._feature_modules:
-            modules[name].register_forward_hook(self._keep(name))
+            self.backbone.get_submodule(name).register_forward_hook(_keep_output)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.meta: dict[str, Any] = {}
-
-    def _keep(self, name: str) -> Any:
-        def hook(_module: nn.Module, _inp: Any, out: torch.Tensor) -> None:
-            self._features[name] = out
-        return hook
 
     @property
     def grid(self) -> int:
@@ -412,12 +407,10 @@ class RootQuant(nn.Module):
         """uint8 or float-in-[0, 255] ``(N, 3, t, t)`` -> raw cell maps ``(N, 3, g, g)``
         (presence logit, raw length, raw area; :func:`cell_amounts` turns them into mm/mm2)."""
         x = (tiles.to(self.mean.dtype) / 255.0 - self.mean) / self.std
-        self._features.clear()
-        try:
-            self.backbone.forward_features(x)
-            fine, coarse = (self._features[n] for n in self._feature_modules)
-        finally:
-            self._features.clear()
+        backbone: Any = self.backbone  # a timm model: forward_features is not on nn.Module
+        backbone.forward_features(x)
+        fine, coarse = (_take_output(backbone.get_submodule(n))
+                        for n in self._feature_modules)
         raw = self.head(fine, coarse).float()
         g = self.grid
         if raw.shape[-2:] != (g, g):  # backbones with 'valid' convolutions (inception)
@@ -473,6 +466,17 @@ class RootQuant(nn.Module):
                 "cell_px": c.cell_px, "aggregation": "sum_of_cells_and_tiles",
                 "head": "hurdle_density",
                 "sha256": self.meta.get("sha256")}
+
+
+def _keep_output(module: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+    """Forward hook: park a feature module's output on the module itself (not in a closure
+    over the model, so a deep copy of the model hooks its own modules)."""
+    module.__dict__["_rootquant_output"] = out
+
+
+def _take_output(module: nn.Module) -> torch.Tensor:
+    """The output :func:`_keep_output` parked in this forward pass, released from the module."""
+    return module.__dict__.pop("_rootquant_output")
 
 
 def _rgb(values: Sequence[float]) -> tuple[float, float, float]:

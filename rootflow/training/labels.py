@@ -365,12 +365,6 @@ def cell_sums(density: np.ndarray, *, tile_px: int, cell_px: int,
     return cells.transpose(0, 2, 4, 1, 3).reshape(nty * ntx, c, g, g)
 
 
-def tile_sums(density: np.ndarray, *, tile_px: int,
-              offset: tuple[int, int] = (0, 0)) -> np.ndarray:
-    """Per-tile sums ``(N, C)`` of ``(H, W, C)`` maps (one cell per tile)."""
-    return cell_sums(density, tile_px=tile_px, cell_px=tile_px, offset=offset)[:, :, 0, 0]
-
-
 # -- helpers ----------------------------------------------------------------------------------
 def _floats(table: pa.Table, col: str, source: str) -> np.ndarray:
     """A column as float64 with nulls as NaN."""

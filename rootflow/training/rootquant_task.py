@@ -241,8 +241,8 @@ class RootQuantImages:
     epochs cost only augmentation and tiling. With ``tile_labels`` and a ``mask_uri`` column,
     the mask's length/area density maps (:func:`rootflow.training.labels.density_maps`) are
     cached too and go through the same flips, turns and grid offset as the image, so every
-    cell of every tile gets its own length and area. Augmentations are seeded by (seed, epoch, index) so a
-    resumed run sees the same data it would have seen.
+    cell of every tile gets its own length and area. Augmentations are seeded by
+    (seed, epoch, index) so a resumed run sees the same data it would have seen.
     """
 
     def __init__(self, table: pa.Table, *, mm_per_px: float, tile_px: int, cell_px: int,
@@ -536,8 +536,8 @@ class RootQuantTask:
             for s in range(0, len(idx), bs):
                 items = [self.val_set[i] for i in idx[s:s + bs]]
                 tiles, index = collate(items)[:2]
-                raw = self.net.summarize(self.net.forward_tiles(tiles.to(self.ctx.device)))
-                length, area, logit = aggregate_tiles(raw.cpu(), index, len(items))
+                summary = self.net.summarize(self.net.forward_tiles(tiles.to(self.ctx.device)))
+                length, area, logit = aggregate_tiles(summary.cpu(), index, len(items))
                 preds["length"] += length.tolist()
                 preds["area"] += area.tolist()
                 preds["logit"] += logit.tolist()

@@ -73,6 +73,18 @@ def test_head_starts_with_configured_presence_and_small_amounts() -> None:
     assert torch.all(raw[:, 1:].abs() < 1.0)  # softplus(~0): ~0.7 units per cell
 
 
+def test_deep_copy_reads_its_own_features(tiny: rq.RootQuant) -> None:
+    """The feature hooks live on the backbone's modules, not in a closure over the model: a
+    deep copy (EMA, averaging, pickling) runs on its own and leaves nothing parked behind."""
+    import copy
+
+    twin = copy.deepcopy(tiny)
+    tiles = torch.from_numpy(tiny.tiles_for(root_image(2, empty=False)[0], dpi=100.0))
+    with torch.no_grad():
+        assert torch.equal(twin.forward_tiles(tiles), tiny.forward_tiles(tiles))
+    assert not any("_rootquant_output" in vars(m) for m in twin.modules())
+
+
 def test_model_rejects_tiles_that_do_not_fit_the_cells() -> None:
     with pytest.raises(ValueError, match="multiple of cell_px"):
         rq.RootQuant(rq.RootQuantConfig(backbone="resnet10t", tile_px=60, cell_px=8))

@@ -161,7 +161,7 @@ def test_tile_labels_from_mask_sum_to_image_labels_and_sit_in_their_tiles() -> N
     assert dens is not None and dens.shape == (100, 120, 2)
     assert dens[..., 0].sum() == pytest.approx(7.0, rel=1e-5)
     assert dens[..., 1].sum() == pytest.approx(3.0, rel=1e-5)
-    sums = labels.tile_sums(dens, tile_px=50)
+    sums = labels.cell_sums(dens, tile_px=50, cell_px=50)[:, :, 0, 0]  # one cell per tile
     img = np.zeros((100, 120, 3), np.uint8)
     assert len(sums) == len(tile_image(img, tile_px=50)) == 6  # same grid as the image tiles
     assert sums.sum(axis=0) == pytest.approx([7.0, 3.0], rel=1e-5)
@@ -169,7 +169,7 @@ def test_tile_labels_from_mask_sum_to_image_labels_and_sit_in_their_tiles() -> N
     assert sums[0, 0] > sums[5, 0] > 0 and sums[0, 1] > 0 and sums[5, 1] > 0
     assert np.all(sums[[1, 2, 3, 4]] == 0)
     # an offset grid moves the sums but keeps their total and the tile count of tile_image
-    shifted = labels.tile_sums(dens, tile_px=50, offset=(30, 20))
+    shifted = labels.cell_sums(dens, tile_px=50, cell_px=50, offset=(30, 20))[:, :, 0, 0]
     assert len(shifted) == len(tile_image(img, tile_px=50, offset=(30, 20)))
     assert shifted.sum(axis=0) == pytest.approx([7.0, 3.0], rel=1e-5)
     # resampled to a coarser model scale: aligned with to_model_scale, sums still exact
@@ -195,7 +195,7 @@ def test_cell_sums_follow_the_tile_grid() -> None:
     dens = rng.random((70, 100, 2)).astype(np.float32)
     for offset in ((0, 0), (5, 13)):
         cells = labels.cell_sums(dens, tile_px=32, cell_px=8, offset=offset)
-        tiles = labels.tile_sums(dens, tile_px=32, offset=offset)
+        tiles = labels.cell_sums(dens, tile_px=32, cell_px=32, offset=offset)[:, :, 0, 0]
         assert cells.shape == (len(tiles), 2, 4, 4)
         assert len(tiles) == len(tile_image(np.zeros((70, 100, 3), np.uint8), tile_px=32,
                                             offset=offset))
