@@ -60,7 +60,7 @@ def main() -> None:
     from rootflow.io import images, storage
     from rootflow.models.rootquant import RootQuantConfig
     from rootflow.training import labels as L
-    from rootflow.training import regression_metrics as rm
+    from rootflow.evaluation import metrics as rm
     from rootflow.training import rootquant_task as rqt
 
     torch.set_num_threads(args.threads)

@@ -59,7 +59,7 @@ def evaluate(model_uri: str, gt_uri: pathlib.Path, *, presence_threshold: float 
     from rootflow.inference.rootquant import RootQuantPredictor
     from rootflow.io import images, storage
     from rootflow.training import labels as L
-    from rootflow.training import regression_metrics as rm
+    from rootflow.evaluation import metrics as rm
 
     lab = L.read_labels(str(gt_uri), columns=L.LabelColumns(**GT_COLUMNS))
     pred = RootQuantPredictor.from_checkpoint(model_uri, device="cpu", tile_batch=64,

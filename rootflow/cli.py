@@ -33,6 +33,7 @@ def _main(
 
 
 def _register_all() -> None:
+    from rootflow.evaluation import _cli as evaluation_cli
     from rootflow.inference import _cli as inference_cli
     from rootflow.io import _cli as manifest_cli
     from rootflow.lake import _cli as lake_cli
@@ -40,7 +41,8 @@ def _register_all() -> None:
     from rootflow.training import _cli as training_cli
     from rootflow.traits import _cli as traits_cli
 
-    for module in (synth_cli, manifest_cli, traits_cli, inference_cli, training_cli, lake_cli):
+    for module in (synth_cli, manifest_cli, traits_cli, inference_cli, training_cli,
+                   evaluation_cli, lake_cli):
         module.register(app)
 
 

@@ -2,8 +2,8 @@
 
 Flow: :func:`read_annotated_manifest` (or :func:`pairs_manifest` for a folder of
 ``<stem>.<ext>`` + ``<stem>_mask.png`` files, as the synthetic archives and
-``shared/data/real`` are laid out) -> :func:`split_table` (a ``split`` column, or a
-deterministic hash of ``image_id`` so every worker and every rerun agrees) -> :func:`load_pairs`
+``shared/data/real`` are laid out) -> :func:`split_table` (a ``split`` column, or whole tubes/windows held out by
+:mod:`rootflow.training.splits`, the same on every worker and every rerun) -> :func:`load_pairs`
 (bytes through :mod:`rootflow.io.storage`, decoded by :mod:`rootflow.io.images`) ->
 :class:`PatchDataset` (random patches of ``patch_size`` from the whole images, a configurable
 share of them root-free, with EDT-weighted point prompts and augmentation).
@@ -19,7 +19,6 @@ every rerun (a resumed run sees the patches it would have seen), different betwe
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 from collections.abc import Sequence
 from typing import Any
@@ -108,26 +107,22 @@ def pairs_manifest(folder_uri: str, *, storage_options: storage.StorageLike = No
 
 
 def split_table(table: pa.Table, *, val_fraction: float, seed: int = 0,
-                ) -> tuple[pa.Table, pa.Table]:
-    """``(train, val)`` rows: the ``split`` column when present, else a hash of ``image_id``.
+                by: str = "auto") -> tuple[pa.Table, pa.Table]:
+    """``(train, val)`` rows: the ``split`` column when present, else whole tubes/windows.
 
-    The hash split puts an image in ``val`` when ``sha256(seed:image_id)`` falls below
-    ``val_fraction``: stable under reordering and adding images. At least one image goes to
-    each side when there are two or more (tiny test sets would otherwise validate on nothing).
+    Without a ``split`` column, :func:`rootflow.training.splits.grouped_split` holds out whole
+    groups (tubes, or windows of a single tube; ``by``), about ``val_fraction`` of the images:
+    sessions of one window never land on both sides. With a single group nothing can be held
+    out without leaking, and the validation side is empty (callers raise).
     """
     if "split" in table.column_names:
         split = [str(s).lower() if s is not None else "train" for s in table["split"].to_pylist()]
         is_val = np.array([s in ("val", "valid", "validation", "test") for s in split])
-    else:
-        u = np.array([int(hashlib.sha256(f"{seed}:{i}".encode()).hexdigest()[:12], 16) / 16**12
-                      for i in table["image_id"].to_pylist()])
-        is_val = u < val_fraction
-        if table.num_rows >= 2 and val_fraction > 0 and not is_val.any():
-            is_val[int(np.argmin(u))] = True
-        if table.num_rows >= 2 and is_val.all():
-            is_val[int(np.argmax(u))] = False
-    idx = np.arange(table.num_rows)
-    return table.take(pa.array(idx[~is_val])), table.take(pa.array(idx[is_val]))
+        idx = np.arange(table.num_rows)
+        return table.take(pa.array(idx[~is_val])), table.take(pa.array(idx[is_val]))
+    from rootflow.training.splits import grouped_split
+
+    return grouped_split(table, val_fraction=val_fraction, seed=seed, by=by)  # type: ignore[arg-type]
 
 
 # -- pairs -------------------------------------------------------------------------------------

@@ -272,26 +272,6 @@ def require_dpi(labels: pa.Table) -> None:
                          f"a manifest, or a default dpi")
 
 
-def split(labels: pa.Table, *, val_fraction: float, seed: int = 0,
-          groups: Sequence[Any] | None = None) -> tuple[pa.Table, pa.Table]:
-    """Random train/validation split, optionally by group (e.g. tube) so no group straddles."""
-    n = labels.num_rows
-    rng = np.random.default_rng(seed)
-    if groups is None:
-        order = rng.permutation(n)
-        n_val = int(round(n * val_fraction))
-        val = np.sort(order[:n_val])
-    else:
-        keys = np.asarray(list(groups), dtype=object)
-        uniq = sorted(set(keys.tolist()), key=str)
-        picked = rng.permutation(len(uniq))[:int(round(len(uniq) * val_fraction))]
-        val_groups = {uniq[i] for i in picked}
-        val = np.flatnonzero([k in val_groups for k in keys])
-    is_val = np.zeros(n, bool)
-    is_val[val] = True
-    return labels.filter(pa.array(~is_val)), labels.filter(pa.array(is_val))
-
-
 # -- per-tile labels from masks ---------------------------------------------------------------
 def density_maps(mask: np.ndarray, *, dpi: float, mm_per_px: float, length_mm: float,
                  area_mm2: float) -> np.ndarray | None:

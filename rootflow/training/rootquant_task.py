@@ -35,10 +35,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from rootflow import config as _config
+from rootflow.evaluation import metrics as rm
 from rootflow.io import storage
 from rootflow.models.rootquant import RootQuantConfig
 from rootflow.training import labels as _labels
-from rootflow.training import regression_metrics as rm
 from rootflow.training.loop import LoopContext, TrainRunConfig
 
 if TYPE_CHECKING:
@@ -63,8 +63,9 @@ class RootQuantDataConfig:
         manifest: manifest to take dpi (and canonical URIs) from, matched on URI or file name.
         default_dpi: dpi for labels that still have none.
         val_uri: a separate validation label source of the same kind (else a split).
-        val_fraction: fraction held out at random (seeded by ``split_seed``) without ``val_uri``.
-        folds / fold: k-fold split instead (``folds > 1``; ``fold`` is the held-out part).
+        val_fraction: share of images held out as whole tubes/windows (seeded by ``split_seed``)
+            without ``val_uri`` (:mod:`rootflow.training.splits`).
+        folds / fold: grouped k-fold split instead (``folds > 1``; ``fold`` is held out).
         limit: use only this many training images (chosen by ``split_seed``): learning curves.
         tile_labels: when labels carry a ``mask_uri`` (``columns.mask``, ``source: masks``, or
             a manifest with masks), supervise every cell with the length/area its part of the
@@ -210,19 +211,20 @@ def load_labels(data: RootQuantDataConfig, *, uri: str | None = None,
 
 
 def split_labels(table: pa.Table, data: RootQuantDataConfig) -> tuple[pa.Table, pa.Table]:
-    """Train/validation parts by ``folds``/``fold`` or ``val_fraction``, then ``limit``."""
+    """Train/validation parts by ``folds``/``fold`` or ``val_fraction``, then ``limit``.
+
+    Both keep whole tubes (or windows of a single tube) on one side
+    (:mod:`rootflow.training.splits`): sessions of one window are near-duplicates.
+    """
     import pyarrow as pa
 
-    n = table.num_rows
+    from rootflow.training import splits
+
     if data.folds > 1:
-        if not 0 <= data.fold < data.folds:
-            raise ValueError(f"fold must be in [0, {data.folds}), got {data.fold}")
-        order = np.random.default_rng(data.split_seed).permutation(n)
-        is_val = np.zeros(n, bool)
-        is_val[order[data.fold::data.folds]] = True
-        train, val = table.filter(pa.array(~is_val)), table.filter(pa.array(is_val))
+        train, val = splits.fold_split(table, k=data.folds, fold=data.fold, seed=data.split_seed)
     else:
-        train, val = _labels.split(table, val_fraction=data.val_fraction, seed=data.split_seed)
+        train, val = splits.grouped_split(table, val_fraction=data.val_fraction,
+                                          seed=data.split_seed)
     if data.limit is not None and data.limit < train.num_rows:
         keep = np.sort(np.random.default_rng(data.split_seed + 1).permutation(train.num_rows)
                        [:data.limit])

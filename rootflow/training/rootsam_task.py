@@ -5,7 +5,7 @@ prompt encoder and mask decoder train. SAM2's decoder-side ``conv_s0``/``conv_s1
 run inside the image pass and are frozen with it, so cached and live embeddings train the same
 parameters (see :mod:`rootflow.training.embedding_cache`). The loss is focal Tversky + boundary
 + IoU-head MSE (:mod:`rootflow.training.losses`); AdamW with ``ReduceLROnPlateau`` on the
-validation mIoU; validation mIoU/Dice on fixed held-out patches (:mod:`rootflow.training.metrics`).
+validation mIoU; validation mIoU/Dice on fixed held-out patches (:mod:`rootflow.evaluation.metrics`).
 
 Stages are configs of the same task (:class:`RootSAMRecipe`): stage 1 on 512 px patches at
 lr 1e-4, stage 2 on 1024 px patches at lr 1e-5 starting from stage 1's best checkpoint
@@ -43,7 +43,7 @@ from rootflow.training.data import (
 from rootflow.training.embedding_cache import EmbeddingCacheConfig, encode_patches
 from rootflow.training.loop import FitResult, LoopContext, TrainRunConfig, fit
 from rootflow.training.losses import LossConfig, rootsam_loss
-from rootflow.training.metrics import SegmentationMeter, summarize
+from rootflow.evaluation.metrics import SegmentationMeter, summarize
 
 log = logging.getLogger(__name__)
 

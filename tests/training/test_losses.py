@@ -15,7 +15,7 @@ from rootflow.training.losses import (
     rootsam_loss,
     signed_distance_map,
 )
-from rootflow.training.metrics import SegmentationMeter, iou_dice, summarize
+from rootflow.evaluation.metrics import SegmentationMeter, iou_dice, summarize
 
 
 def _disk(h: int = 32, w: int = 32, r: float = 6.0) -> np.ndarray:

@@ -10,8 +10,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
+from rootflow.evaluation import metrics as rm
 from rootflow.training import labels
-from rootflow.training import regression_metrics as rm
 from tests.training._rootquant_helpers import root_image
 
 
@@ -92,16 +92,6 @@ def test_attach_manifest_by_uri_or_file_name() -> None:
     dup = pa.table({"image_uri": ["/d/T1/a.jpg", "/d/T3/a.jpg"], "dpi": [1.0, 1.0]})
     with pytest.raises(labels.LabelError, match="ambiguous"):
         labels.attach_manifest(lab.slice(0, 1), dup)
-
-
-def test_split_by_group_keeps_groups_whole() -> None:
-    lab = labels.from_table(pa.table({"image_uri": [f"i{i}" for i in range(20)],
-                                      "length_mm": np.arange(20.0), "area_mm2": np.ones(20)}))
-    tubes = [i % 5 for i in range(20)]
-    train, val = labels.split(lab, val_fraction=0.4, seed=1, groups=tubes)
-    vt = {tubes[int(u[1:])] for u in val["image_uri"].to_pylist()}
-    tt = {tubes[int(u[1:])] for u in train["image_uri"].to_pylist()}
-    assert len(vt) == 2 and not vt & tt and train.num_rows + val.num_rows == 20
 
 
 def test_labels_from_traits_delta_table(tmp_path) -> None:

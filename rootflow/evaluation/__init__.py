@@ -1,0 +1,1 @@
+"""How rootflow's models are judged: the metric module, mask evaluation, ``rootflow evaluate``."""
