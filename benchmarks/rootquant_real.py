@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import pathlib
-import re
 import sys
 import tempfile
 import time
@@ -56,11 +55,11 @@ def main() -> None:
     import pyarrow.parquet as pq
     import torch
 
+    from rootflow.evaluation import metrics as rm
     from rootflow.inference.rootquant import RootQuantPredictor
     from rootflow.io import images, storage
     from rootflow.models.rootquant import RootQuantConfig
     from rootflow.training import labels as L
-    from rootflow.evaluation import metrics as rm
     from rootflow.training import rootquant_task as rqt
 
     torch.set_num_threads(args.threads)
@@ -77,12 +76,10 @@ def main() -> None:
           f"{time.perf_counter() - t0:.0f} s; length_mm mean {np.mean(lab['length_mm']):.1f}, "
           f"zeros {int(np.sum(lab['length_mm'].to_numpy() == 0))}", flush=True)
 
-    groups = [re.search(r"_L(\d+)", pathlib.Path(u).name).group(1)  # type: ignore[union-attr]
-              for u in lab["image_uri"].to_pylist()]
-    uniq = sorted(set(groups))
-    order = np.random.default_rng(0).permutation(len(uniq))
-    fold_of = {uniq[g]: i % args.folds for i, g in enumerate(order)}
-    fold = np.array([fold_of[g] for g in groups])
+    from rootflow.training import splits
+
+    keys = splits.group_keys(lab)  # the project's one grouping: tube, or window of one tube
+    fold = splits.grouped_folds(keys, k=args.folds, seed=0)
 
     mm_per_px = 25.4 / args.dpi / args.scale
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="rq-real-"))
@@ -122,7 +119,7 @@ def main() -> None:
                                  pred_area_mm2=oof["area"], true_area_mm2=lab["area_mm2"].to_numpy(),
                                  presence=oof["presence"])
     print(json.dumps({"benchmark": "rootquant_real", "dataset": args.dataset,
-                      "n_images": lab.num_rows, "folds": args.folds, "grouped_by": "window",
+                      "n_images": lab.num_rows, "folds": args.folds, "grouped_by": splits.resolve_by(lab),
                       "backbone": args.backbone, "init": "random", "epochs": args.epochs,
                       "dense": args.dense, "tile_px": args.tile_px, "cell_px": args.cell_px,
                       "assumed_dpi": args.dpi, "mm_per_px": round(mm_per_px, 4),

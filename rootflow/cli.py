@@ -33,6 +33,7 @@ def _main(
 
 
 def _register_all() -> None:
+    from rootflow.dynamics import _cli as dynamics_cli
     from rootflow.evaluation import _cli as evaluation_cli
     from rootflow.inference import _cli as inference_cli
     from rootflow.io import _cli as manifest_cli
@@ -42,7 +43,7 @@ def _register_all() -> None:
     from rootflow.traits import _cli as traits_cli
 
     for module in (synth_cli, manifest_cli, traits_cli, inference_cli, training_cli,
-                   evaluation_cli, lake_cli):
+                   evaluation_cli, lake_cli, dynamics_cli):
         module.register(app)
 
 

@@ -78,3 +78,30 @@ def overlay(image: np.ndarray, mask: np.ndarray, *, color: tuple[int, int, int] 
     m = np.asarray(mask) > 0
     out[m] = (1 - alpha) * out[m] + alpha * np.asarray(color, np.float32)
     return out.clip(0, 255).astype(np.uint8)
+
+
+def season(df: Any, *, value: str = "produced_mm_per_day", ax: Any = None,
+           cmap: str = "viridis") -> Any:
+    """Root production or mortality through a season: depth downward, time across.
+
+    The chart root ecologists draw for minirhizotron dynamics (a depth x date grid, one cell per
+    depth band and session date, colour = the value); call it once per figure, e.g. for
+    ``produced_mm_per_day`` and ``lost_mm_per_day`` side by side.
+
+    Args:
+        df: columns ``depth_band_cm``, ``date`` (the later session of each pair) and ``value``
+            (the season query of ``docs/dynamics.md``).
+    """
+    ax = _axes(ax, (6, 4))
+    grid = df.pivot_table(index="depth_band_cm", columns="date", values=value, aggfunc="sum")
+    grid = grid.sort_index()
+    im = ax.imshow(grid.to_numpy(dtype=float), aspect="auto", cmap=cmap, interpolation="nearest")
+    ax.set_yticks(range(len(grid.index)), [f"{d:g}" for d in grid.index])
+    ax.set_xticks(range(len(grid.columns)),
+                  [c.strftime("%m-%d") if hasattr(c, "strftime") else str(c) for c in grid.columns])
+    ax.set_ylabel("depth band (cm, top of the band)")
+    ax.set_xlabel("session date")
+    label = value.replace("_mm_per_day", " (mm d$^{-1}$)").replace("_mm", " (mm)").replace("_", " ")
+    ax.figure.colorbar(im, ax=ax, label=label)
+    ax.set_title(label.split(" (")[0].capitalize() + " by depth and date")
+    return ax

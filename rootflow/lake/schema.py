@@ -103,3 +103,97 @@ def rejects_schema() -> pa.Schema:
     fields = [_relaxed(f, frozenset({"image_id"})) for f in MANIFEST_SCHEMA]
     return pa.schema(fields + list(_REJECT_FIELDS)).with_metadata(
         {"rootflow.schema_version": str(SCHEMA_VERSION)})
+
+
+# -- root dynamics (rootflow.dynamics) ------------------------------------------------------
+DYNAMICS_PARTITION_BY: tuple[str, ...] = TRAITS_PARTITION_BY
+DYNAMICS_KEY: tuple[str, ...] = ("experiment", "tube", "window", "session_from", "session_to",
+                                 "model_name", "model_version")
+"""A pair of consecutive sessions of one window, for one producer and model version (the
+experiment too: tube numbers repeat across experiments)."""
+
+ALIGNMENTS_KEY: tuple[str, ...] = ("experiment", "tube", "window", "session_from", "session_to",
+                                   "method")
+"""Alignment depends on the images only, so it is shared by every producer of the pair."""
+
+_PAIR_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("experiment", pa.string(), nullable=False),
+    pa.field("tube", pa.int32(), nullable=False),
+    pa.field("window", pa.int32(), nullable=False),
+    pa.field("year", pa.int32(), nullable=False),
+    pa.field("depth", pa.int32(), nullable=False),
+    pa.field("depth_cm", pa.float64()),
+    pa.field("session_from", pa.int32(), nullable=False),
+    pa.field("session_to", pa.int32(), nullable=False),
+    pa.field("captured_from", pa.timestamp("us"), nullable=False),
+    pa.field("captured_to", pa.timestamp("us"), nullable=False),
+    pa.field("days", pa.float64()),
+    pa.field("image_id_from", pa.string()),
+    pa.field("image_id_to", pa.string()),
+)
+
+_ALIGN_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("align_ok", pa.bool_()),
+    pa.field("align_dx", pa.float64()),
+    pa.field("align_dy", pa.float64()),
+    pa.field("align_angle_deg", pa.float64()),
+    pa.field("align_quality", pa.float64()),
+    pa.field("align_overlap", pa.float64()),
+    pa.field("align_reason", pa.string()),
+)
+
+ALIGNMENTS_SCHEMA = pa.schema([
+    *_PAIR_FIELDS,
+    pa.field("method", pa.string(), nullable=False),
+    *_ALIGN_FIELDS,
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("processed_at", pa.timestamp("us"), nullable=False),
+]).with_metadata({"rootflow.schema_version": str(SCHEMA_VERSION)})
+"""One row per consecutive pair of sessions of a window and alignment method."""
+
+DYNAMICS_SCHEMA = pa.schema([
+    *_PAIR_FIELDS,
+    pa.field("model_name", pa.string(), nullable=False),
+    pa.field("model_version", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("reason", pa.string()),
+    pa.field("align_method", pa.string()),
+    *_ALIGN_FIELDS,
+    pa.field("dpi", pa.float64()),
+    pa.field("k_px", pa.int32()),
+    pa.field("k_mm", pa.float64()),
+    pa.field("overlap_fraction", pa.float64()),
+    pa.field("overlap_area_cm2", pa.float64()),
+    pa.field("length_from_mm", pa.float64()),
+    pa.field("length_to_mm", pa.float64()),
+    pa.field("area_from_mm2", pa.float64()),
+    pa.field("area_to_mm2", pa.float64()),
+    pa.field("persisting_mm", pa.float64()),
+    pa.field("persisting_from_mm", pa.float64()),
+    pa.field("produced_mm", pa.float64()),
+    pa.field("lost_mm", pa.float64()),
+    pa.field("produced_area_mm2", pa.float64()),
+    pa.field("lost_area_mm2", pa.float64()),
+    pa.field("bookkeeping_residual_mm", pa.float64()),
+    pa.field("produced_mm_per_day", pa.float64()),
+    pa.field("lost_mm_per_day", pa.float64()),
+    pa.field("rld_from_mm_per_cm2", pa.float64()),
+    pa.field("rld_to_mm_per_cm2", pa.float64()),
+    pa.field("cum_produced_mm", pa.float64()),
+    pa.field("cum_lost_mm", pa.float64()),
+    pa.field("dynamics_version", pa.string()),
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("processed_at", pa.timestamp("us"), nullable=False),
+]).with_metadata({"rootflow.schema_version": str(SCHEMA_VERSION)})
+"""One row per consecutive pair of sessions of a window, producer and model version.
+
+``status``: ``ok`` (numbers measured on the aligned overlap), ``flagged`` (the pair could not
+be aligned: numbers null, ``reason`` says why) or ``error`` (bad input: a missing mask, images of
+different sizes...). Lengths in mm measured by the traits code on the overlap of both frames.
+"""
+
+EXTRA_TABLES: dict[str, tuple[pa.Schema, tuple[str, ...], tuple[str, ...]]] = {
+    "dynamics": (DYNAMICS_SCHEMA, DYNAMICS_KEY, DYNAMICS_PARTITION_BY),
+    "alignments": (ALIGNMENTS_SCHEMA, ALIGNMENTS_KEY, DYNAMICS_PARTITION_BY),
+}
+"""Tables written through :meth:`rootflow.lake.Lake.commit_rows`: (schema, key, partitions)."""

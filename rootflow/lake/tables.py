@@ -128,11 +128,13 @@ class Lake:
         return self.storage.deltalake() if _storage.is_remote(self.uri) else None
 
     # -- schemas ----------------------------------------------------------------------------
-    def schema(self, name: Literal["traits", "runs", "rejects"]) -> pa.Schema:
+    def schema(self, name: Literal["traits", "runs", "rejects"] | str) -> pa.Schema:
         if name == "traits":
             return _schema.traits_schema(self._trait_schema)
         if name == "runs":
             return _schema.RUNS_SCHEMA
+        if name in _schema.EXTRA_TABLES:
+            return _schema.EXTRA_TABLES[name][0]
         return _schema.rejects_schema()
 
     # -- public writes ----------------------------------------------------------------------
@@ -153,6 +155,28 @@ class Lake:
         table = _dedupe(table, _schema.TRAITS_KEY)
         key = (*_schema.TRAITS_KEY, "year", "tube")  # year/tube come from the file name: stable
         self._merge("traits", table, key=key, partition_by=_schema.TRAITS_PARTITION_BY)
+        return table.num_rows
+
+    def commit_rows(self, name: str, rows: Rows) -> int:
+        """MERGE rows into one of :data:`rootflow.lake.schema.EXTRA_TABLES` on its key.
+
+        The same contract as :meth:`commit_traits` (cast to the table's schema, required
+        columns checked, duplicate keys in one call keep the last row, ``processed_at``
+        defaults to now): re-committing the same keys updates rows and never duplicates them.
+
+        Raises:
+            LakeError: an unknown table name (the message lists the valid ones) or bad rows.
+        """
+        if name not in _schema.EXTRA_TABLES:
+            raise LakeError(f"unknown table {name!r} for commit_rows; valid: "
+                            f"{sorted(_schema.EXTRA_TABLES)}")
+        schema, key, partition_by = _schema.EXTRA_TABLES[name]
+        table = self._prepare(rows, schema, defaults={"processed_at": utcnow()}, what=name)
+        if table.num_rows == 0:
+            return 0
+        table = _dedupe(table, key)
+        merge_key = (*key, *[p for p in partition_by if p not in key and p != "depth"])
+        self._merge(name, table, key=merge_key, partition_by=partition_by)  # type: ignore[arg-type]
         return table.num_rows
 
     def commit_rejects(self, rows: Rows) -> int:
