@@ -63,7 +63,7 @@ def main() -> None:
     for window, a, b in tqdm(pairs(args.data), desc="pairs"):
         fi, fm = load(a)
         mi, mm = load(b)
-        row = {"window": window, "fixed": a.name[27:37], "moving": b.name[27:37]}
+        row = {"window": window, "fixed": parse_name(a.name).captured_at.date().isoformat(), "moving": parse_name(b.name).captured_at.date().isoformat()}
         base = mask_iou(fm, mm, None)
         row["iou_identity"] = round(base, 3)
         o = oracle_shift(fm, mm)
