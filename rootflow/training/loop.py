@@ -45,6 +45,13 @@ What the loop guarantees
   its checkpoint manager from ``checkpoint_manager_snapshot.json`` there); a finished run just
   re-exports.
 * Optional early stopping on ``metric`` with ``early_stopping_patience`` epochs.
+* Optional wall-clock budget (``max_minutes``, counted from the start of this :func:`fit`
+  call): after each epoch's checkpoint, when the slowest epoch of this call would not fit in
+  what is left, the loop stops and exports the best checkpoint so far. A budget stop is *not*
+  a finished run: the checkpoint says neither "early stopped" nor "last epoch", so calling
+  :func:`fit` again with the same ``storage_path`` + ``name`` resumes at the next epoch (a long
+  study can run in parts of 10 minutes). Every call runs at least one epoch, so each part makes
+  progress even when one epoch is longer than the budget.
 * ``<storage_path>/<name>/export.json`` records the export URI, the best epoch and metrics, the
   metric history and the resolved run config (no credentials), and :func:`fit` returns it as a
   :class:`FitResult`.
@@ -105,6 +112,8 @@ class TrainRunConfig:
             ``<storage_path>/<name>/export/model.pt``).
         seed: seeds torch/numpy/random identically on every worker before ``setup`` (so
             models initialise identically; DDP also broadcasts rank 0's weights).
+        max_minutes: wall-clock budget of one :func:`fit` call in minutes (None = none); see
+            the module docstring. Setup, Ray start-up and checkpoint writes count against it.
     """
 
     name: str = "rootflow-train"
@@ -121,8 +130,11 @@ class TrainRunConfig:
     min_delta: float = 0.0
     export_uri: str | None = None
     seed: int = 0
+    max_minutes: float | None = None
 
     def __post_init__(self) -> None:
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be > 0 (or None), got {self.max_minutes}")
         if self.mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {self.mode!r}")
         if self.epochs < 1 or self.num_workers < 1 or self.num_to_keep < 1:
@@ -271,9 +283,12 @@ class FitResult:
         best_epoch: epoch whose checkpoint was exported.
         best_metrics: that epoch's reported metrics.
         history: one metrics dict per epoch, in order (survives restarts).
-        epochs_run: epochs completed (fewer than ``run.epochs`` after early stopping).
+        epochs_run: epochs completed (fewer than ``run.epochs`` after early stopping or a
+            budget stop).
         stopped_early: whether early stopping ended the run.
         run_uri: ``<storage_path>/<name>`` where Ray keeps the checkpoints.
+        stopped_by_budget: this call stopped at ``run.max_minutes`` with epochs left; calling
+            :func:`fit` again with the same run resumes them.
     """
 
     export_uri: str
@@ -283,6 +298,12 @@ class FitResult:
     epochs_run: int
     stopped_early: bool
     run_uri: str
+    stopped_by_budget: bool = False
+
+    @property
+    def complete(self) -> bool:
+        """All ``run.epochs`` ran, or early stopping ended the run (nothing left to resume)."""
+        return self.stopped_early or not self.stopped_by_budget
 
 
 # -- driver side ---------------------------------------------------------------------------------
@@ -308,6 +329,9 @@ def fit(task_factory: Callable[[], TrainTask], *, run: TrainRunConfig,
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    # An absolute wall-clock deadline: the same for every worker and for a worker group that
+    # restarts after a failure within this call.
+    deadline = time.time() + 60.0 * run.max_minutes if run.max_minutes else None
     opts = _worker_storage_options(run.storage_path, storage_options)
     storage_path, filesystem = _ray_storage(run.storage_path, opts)
     resources: dict[str, float] = {"CPU": run.cpus_per_worker}
@@ -315,7 +339,8 @@ def fit(task_factory: Callable[[], TrainTask], *, run: TrainRunConfig,
         resources["GPU"] = 1
     trainer = TorchTrainer(
         _train_fn,
-        train_loop_config={"factory": task_factory, "run": run, "storage_options": opts},
+        train_loop_config={"factory": task_factory, "run": run, "storage_options": opts,
+                           "deadline": deadline},
         scaling_config=ray.train.ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -336,7 +361,7 @@ def fit(task_factory: Callable[[], TrainTask], *, run: TrainRunConfig,
         export_uri=record["export_uri"], best_epoch=int(record["best_epoch"]),
         best_metrics=record["best_metrics"], history=record["history"],
         epochs_run=int(record["epochs_run"]), stopped_early=bool(record["stopped_early"]),
-        run_uri=run.run_uri,
+        run_uri=run.run_uri, stopped_by_budget=bool(record.get("stopped_by_budget", False)),
     )
 
 
@@ -408,11 +433,14 @@ def _train_fn(config: dict[str, Any]) -> None:
         ctx.best = loop["best"]
         log.info("rank %d resumed from epoch %d", world_rank, start_epoch - 1)
 
+    deadline: float | None = config.get("deadline")
+    slowest_epoch_s, stopped_by_budget = 0.0, False
     epoch = start_epoch - 1
     for epoch in range(start_epoch, run.epochs):
         if stopped_early:
             break
         ctx._set_epoch(epoch)
+        t_epoch = time.perf_counter()
         t0 = time.perf_counter()
         train_metrics = dict(task.train_epoch(epoch))
         train_time = time.perf_counter() - t0
@@ -452,9 +480,19 @@ def _train_fn(config: dict[str, Any]) -> None:
             log.info("early stopping after epoch %d (%s has not improved for %d epochs)",
                      epoch, run.metric, since_best)
             break
+        slowest_epoch_s = max(slowest_epoch_s, time.perf_counter() - t_epoch)
+        if deadline is not None and epoch + 1 < run.epochs:
+            # every rank must take the same decision: stop when any of them is out of time
+            late = float(time.time() + slowest_epoch_s > deadline)
+            if ctx.all_reduce({"late": late}, op="max")["late"] > 0:
+                stopped_by_budget = True
+                log.info("wall-clock budget of %.1f min: stopping after epoch %d (an epoch "
+                         "takes up to %.0f s); run again to resume at epoch %d",
+                         run.max_minutes or 0.0, epoch, slowest_epoch_s, epoch + 1)
+                break
 
     if ctx.is_rank0:
-        _export_best(task, ctx, stopped_early=stopped_early)
+        _export_best(task, ctx, stopped_early=stopped_early, stopped_by_budget=stopped_by_budget)
     ctx.barrier()
 
 
@@ -467,7 +505,8 @@ def _improved(value: float, best: Mapping[str, float] | None, run: TrainRunConfi
     return value > ref + run.min_delta if run.mode == "max" else value < ref - run.min_delta
 
 
-def _export_best(task: Any, ctx: LoopContext, *, stopped_early: bool) -> None:
+def _export_best(task: Any, ctx: LoopContext, *, stopped_early: bool,
+                 stopped_by_budget: bool = False) -> None:
     """Load the best epoch's checkpoint into ``task``, export it and write the run record."""
     import ray.train
 
@@ -501,6 +540,7 @@ def _export_best(task: Any, ctx: LoopContext, *, stopped_early: bool) -> None:
         "history": ctx.history,
         "epochs_run": len(ctx.history),
         "stopped_early": stopped_early,
+        "stopped_by_budget": stopped_by_budget,
         "run": rf_config.to_dict(run),
     }
     storage.write_bytes(storage.join(run.run_uri, EXPORT_RECORD),

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from rootflow import config as rf_config
+from rootflow.evaluation.metrics import SegmentationMeter, summarize
 from rootflow.io import storage
 from rootflow.training.augment import AugmentConfig, build_augment
 from rootflow.training.data import (
@@ -43,7 +44,6 @@ from rootflow.training.data import (
 from rootflow.training.embedding_cache import EmbeddingCacheConfig, encode_patches
 from rootflow.training.loop import FitResult, LoopContext, TrainRunConfig, fit
 from rootflow.training.losses import LossConfig, rootsam_loss
-from rootflow.evaluation.metrics import SegmentationMeter, summarize
 
 log = logging.getLogger(__name__)
 

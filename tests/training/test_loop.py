@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -35,6 +36,30 @@ def test_run_config_validates() -> None:
         TrainRunConfig(metric="loss")
     with pytest.raises(ValueError, match="mode"):
         TrainRunConfig(mode="best")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_minutes"):
+        TrainRunConfig(max_minutes=0)
+
+
+def test_budget_stop_exports_and_the_same_run_resumes(ray_local: object, tmp_path: object) -> None:
+    """Guards: a wall-clock budget stop that is recorded as finished (so a rerun would only
+    re-export) or that restarts from scratch instead of continuing at the next epoch."""
+    run = TrainRunConfig(name="budget", storage_path=str(tmp_path), epochs=3, metric="val_loss",
+                         max_minutes=1e-4)  # over after the first epoch, which always runs
+    res = fit(_factory(marker_dir=str(tmp_path)), run=run)
+    assert res.stopped_by_budget and not res.complete and not res.stopped_early
+    assert [h["epoch"] for h in res.history] == [0] and res.best_epoch == 0
+    assert "model" in ckpt_io.load(res.export_uri)
+    record = json.loads(storage.read_bytes(storage.join(res.run_uri, "export.json")))
+    assert record["stopped_by_budget"] is True
+
+    res2 = fit(_factory(marker_dir=str(tmp_path)), run=dataclasses.replace(run, max_minutes=None))
+    assert res2.complete and not res2.stopped_by_budget
+    assert [h["epoch"] for h in res2.history] == [0, 1, 2]
+    assert res2.history[0] == res.history[0]
+    events = (tmp_path / "events-rank0.log").read_text().splitlines()  # type: ignore[operator]
+    second = events.index("setup", 1)
+    assert events[second:second + 3] == ["setup", "load_state_dict", "train 1"]
+    assert events.count("train 0") == 1
 
 
 @pytest.mark.slow
