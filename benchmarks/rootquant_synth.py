@@ -56,10 +56,10 @@ TRAIN_COLUMNS = {**GT_COLUMNS, "mask": "mask_uri"}
 def evaluate(model_uri: str, gt_uri: pathlib.Path, *, presence_threshold: float | None = 0.5
              ) -> dict[str, float]:
     """Score a RootQuant checkpoint on an archive through the inference predictor."""
+    from rootflow.evaluation import metrics as rm
     from rootflow.inference.rootquant import RootQuantPredictor
     from rootflow.io import images, storage
     from rootflow.training import labels as L
-    from rootflow.evaluation import metrics as rm
 
     lab = L.read_labels(str(gt_uri), columns=L.LabelColumns(**GT_COLUMNS))
     pred = RootQuantPredictor.from_checkpoint(model_uri, device="cpu", tile_batch=64,

@@ -1,4 +1,4 @@
-"""``rootflow infer``, ``rootflow reprocess`` and ``rootflow demo`` (the product's main job).
+"""``rootflow infer``, ``rootflow reprocess``, ``rootflow segment`` and ``rootflow demo``.
 
 ``jobs/infer.py`` and ``jobs/reprocess.py`` call these same functions, so ``ray job submit ...
 -- python jobs/infer.py ARGS`` and ``rootflow infer ARGS`` run identical code.
@@ -16,6 +16,7 @@ import typer
 from rootflow.io._cli import storage_from_cli
 
 EXIT_REJECTS = 3  # the run finished but some manifest rows were rejected
+EXIT_USAGE = 2  # bad arguments or an unusable model file: nothing was run
 
 
 def init_ray(address: str | None, *, num_cpus: int | None = None, quiet: bool = True) -> None:
@@ -64,7 +65,15 @@ def build_config(*, producers: str, config_file: str | None, overrides: list[str
                  base_sha256: str | None, rootsam_checkpoint: str | None,
                  rootquant_checkpoint: str | None, gpus: float, actors: int | None,
                  batch_size: int | None, fuse: bool | None, since: str | None,
-                 until: str | None, force: bool) -> Any:
+                 until: str | None, force: bool, forest_model: str | None = None,
+                 forest_sha256: str | None = None, unet_checkpoint: str | None = None,
+                 unet_sha256: str | None = None) -> Any:
+    """InferConfig from a YAML file, ``--set`` overrides and the dedicated flags (flags win).
+
+    Raises:
+        ValueError: an unknown producer or key, a malformed digest, or a requested forest/unet
+            producer without a model URI.
+    """
     import dataclasses
 
     from rootflow import config as cfglib
@@ -79,6 +88,11 @@ def build_config(*, producers: str, config_file: str | None, overrides: list[str
     rq = dict(cfg.rootquant)
     if rootquant_checkpoint is not None:
         rq["checkpoint"] = rootquant_checkpoint
+    seg = {"forest": dict(cfg.forest), "unet": dict(cfg.unet)}
+    for name, key, val in (("forest", "model", forest_model), ("forest", "sha256", forest_sha256),
+                           ("unet", "model", unet_checkpoint), ("unet", "sha256", unet_sha256)):
+        if val is not None:
+            seg[name][key] = val
     res = cfg.resources
     if gpus:
         res = Resources.gpu(int(max(1, gpus)))
@@ -91,18 +105,52 @@ def build_config(*, producers: str, config_file: str | None, overrides: list[str
     if fuse is not None:
         res = dataclasses.replace(res, fuse_models=fuse)
     prods = tuple(p.strip() for p in producers.split(",") if p.strip())
-    return dataclasses.replace(cfg, producers=prods, rootsam=rs, rootquant=rq, resources=res,
+    return dataclasses.replace(cfg, producers=prods, rootsam=rs, rootquant=rq,
+                               forest=seg["forest"], unet=seg["unet"], resources=res,
                                since=since or cfg.since, until=until or cfg.until,
                                skip_done=cfg.skip_done and not force)
 
 
+def _usage_error(message: str) -> typer.Exit:
+    """Print one line on stderr; the caller raises the returned exit (code 2)."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(EXIT_USAGE)
+
+
+def _config_or_exit(**kwargs: Any) -> Any:
+    """:func:`build_config`, with a bad config or a missing model URI as one line and exit 2."""
+    try:
+        return build_config(**kwargs)
+    except (ValueError, TypeError, OSError) as e:
+        raise _usage_error(str(e)) from None
+
+
+def preflight(cfg: Any, storage: dict[str, Any]) -> dict[str, str]:
+    """Every producer's model version, resolved before Ray starts.
+
+    Model files are read (and forests/U-Nets loaded) here, so a corrupt, wrong-kind, missing or
+    digest-mismatched file is one line on stderr and exit 2 in a second or two, instead of a
+    traceback after Ray's start-up.
+    """
+    from rootflow.inference.pipeline import resolve_model_versions
+
+    try:
+        return resolve_model_versions(cfg, storage)
+    except (ValueError, OSError) as e:  # SegmenterLoadError and ChecksumError are ValueErrors
+        raise _usage_error(str(e).strip().splitlines()[0] if str(e).strip()
+                           else type(e).__name__) from None
+
+
 def _run_and_report(manifest: str, lake: str, cfg: Any, *, storage: dict[str, Any],
-                    address: str | None, job_kind: str, summary_json: str | None) -> None:
+                    address: str | None, job_kind: str, summary_json: str | None,
+                    versions: dict[str, str] | None = None) -> None:
     """Run the job, print its summary (and write it as JSON), exit 3 if rows were rejected."""
     from rootflow.inference.pipeline import format_summary, run
 
+    versions = versions if versions is not None else preflight(cfg, storage)
     init_ray(address)
-    summary = run(manifest, lake, cfg, storage_options=storage, job_kind=job_kind)
+    summary = run(manifest, lake, cfg, storage_options=storage, job_kind=job_kind,
+                  model_versions=versions)
     typer.echo(format_summary(summary))
     if summary_json:
         Path(summary_json).write_text(json.dumps(summary.to_dict(), indent=2, default=str))
@@ -110,7 +158,11 @@ def _run_and_report(manifest: str, lake: str, cfg: Any, *, storage: dict[str, An
         raise typer.Exit(EXIT_REJECTS)
 
 
-_PRODUCERS_HELP = "Comma-separated producers: mask (traits of given masks), rootsam, rootquant."
+_PRODUCERS_HELP = ("Comma-separated producers: mask (traits of the manifest's masks), forest, unet "
+                   "(trained segmenters: --forest-model, --unet-checkpoint), rootsam, rootquant.")
+_FOREST_HELP = "Forest model URI (forest.json, or the `rootflow train forest --out` folder)."
+_UNET_HELP = "U-Net checkpoint URI (unet.pt, or the `rootflow train unet --out` folder)."
+_SHA_HELP = "Expected full 64-hex sha256 of the {} file."
 
 
 def register(app: typer.Typer) -> None:
@@ -126,10 +178,14 @@ def register(app: typer.Typer) -> None:
         base_sha256: str | None = typer.Option(None, help="Expected sha256 of the base checkpoint."),
         rootsam_checkpoint: str | None = typer.Option(None, help="RootSAM (fine-tuned decoder) checkpoint URI."),
         rootquant_checkpoint: str | None = typer.Option(None, help="RootQuant checkpoint URI."),
+        forest_model: str | None = typer.Option(None, help=_FOREST_HELP),
+        forest_sha256: str | None = typer.Option(None, help=_SHA_HELP.format("forest")),
+        unet_checkpoint: str | None = typer.Option(None, help=_UNET_HELP),
+        unet_sha256: str | None = typer.Option(None, help=_SHA_HELP.format("U-Net")),
         gpus: float = typer.Option(0, help="GPUs per model actor (0 = CPU)."),
         actors: int | None = typer.Option(None, help="Model actors (pool size)."),
         batch_size: int | None = typer.Option(None, help="Images per model call."),
-        fuse: bool | None = typer.Option(None, "--fuse/--no-fuse", help="RootSAM and RootQuant in one actor."),
+        fuse: bool | None = typer.Option(None, "--fuse/--no-fuse", help="All models in one actor (--no-fuse: one actor pool per model)."),
         since: str | None = typer.Option(None, help="Only images captured on/after this ISO date."),
         until: str | None = typer.Option(None, help="Only images captured on/before this ISO date."),
         force: bool = typer.Option(False, help="Re-process images that already have rows."),
@@ -140,13 +196,18 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the processing job: masks to object storage, rows to the traits/rejects/runs tables.
 
-        Exit code 0: every row ok; 3: finished but some rows were rejected (see the rejects table).
+        Exit code 0: every row ok; 3: finished, some rows rejected (rejects table);
+        2: nothing run: bad arguments, no model URI for a requested producer, or
+        a model file that is corrupt, of the wrong kind or fails its sha256.
         """
-        cfg = build_config(producers=producers, config_file=config, overrides=set_,
-                           rootsam_config=rootsam_config, base_checkpoint=base_checkpoint,
-                           base_sha256=base_sha256, rootsam_checkpoint=rootsam_checkpoint,
-                           rootquant_checkpoint=rootquant_checkpoint, gpus=gpus, actors=actors,
-                           batch_size=batch_size, fuse=fuse, since=since, until=until, force=force)
+        cfg = _config_or_exit(producers=producers, config_file=config, overrides=set_,
+                              rootsam_config=rootsam_config, base_checkpoint=base_checkpoint,
+                              base_sha256=base_sha256, rootsam_checkpoint=rootsam_checkpoint,
+                              rootquant_checkpoint=rootquant_checkpoint, gpus=gpus,
+                              actors=actors, batch_size=batch_size, fuse=fuse, since=since,
+                              until=until, force=force, forest_model=forest_model,
+                              forest_sha256=forest_sha256, unet_checkpoint=unet_checkpoint,
+                              unet_sha256=unet_sha256)
         _run_and_report(manifest, lake, cfg, storage=storage_from_cli(storage_option),
                         address=address, job_kind=job_kind, summary_json=summary_json)
 
@@ -163,6 +224,10 @@ def register(app: typer.Typer) -> None:
         base_sha256: str | None = typer.Option(None),
         rootsam_checkpoint: str | None = typer.Option(None),
         rootquant_checkpoint: str | None = typer.Option(None),
+        forest_model: str | None = typer.Option(None, help=_FOREST_HELP),
+        forest_sha256: str | None = typer.Option(None, help=_SHA_HELP.format("forest")),
+        unet_checkpoint: str | None = typer.Option(None, help=_UNET_HELP),
+        unet_sha256: str | None = typer.Option(None, help=_SHA_HELP.format("U-Net")),
         gpus: float = typer.Option(0),
         since: str | None = typer.Option(None, help="Capture date lower bound (ISO)."),
         until: str | None = typer.Option(None, help="Capture date upper bound (ISO)."),
@@ -181,24 +246,32 @@ def register(app: typer.Typer) -> None:
 
         so = storage_from_cli(storage_option)
         overrides = [*set_, f"wait_for_lease_s={wait_s}"]
-        cfg = build_config(producers=producers, config_file=config, overrides=overrides,
-                           rootsam_config=rootsam_config, base_checkpoint=base_checkpoint,
-                           base_sha256=base_sha256, rootsam_checkpoint=rootsam_checkpoint,
-                           rootquant_checkpoint=rootquant_checkpoint, gpus=gpus, actors=None,
-                           batch_size=None, fuse=None, since=since, until=until, force=False)
+        cfg = _config_or_exit(producers=producers, config_file=config, overrides=overrides,
+                              rootsam_config=rootsam_config, base_checkpoint=base_checkpoint,
+                              base_sha256=base_sha256, rootsam_checkpoint=rootsam_checkpoint,
+                              rootquant_checkpoint=rootquant_checkpoint, gpus=gpus,
+                              actors=None, batch_size=None, fuse=None, since=since,
+                              until=until, force=False, forest_model=forest_model,
+                              forest_sha256=forest_sha256, unet_checkpoint=unet_checkpoint,
+                              unet_sha256=unet_sha256)
+        versions = preflight(cfg, so)  # before listing the archive: a bad model fails at once
         manifest_uri = manifest_for_source(source, lake, experiment_config=experiment_config,
                                            storage_options=so)
         _run_and_report(manifest_uri, lake, cfg, storage=so, address=address,
-                        job_kind="reprocess", summary_json=summary_json)
+                        job_kind="reprocess", summary_json=summary_json, versions=versions)
 
     @app.command("demo")
     def demo(
         out: str = typer.Option("demo-output", help="Folder for the archive, manifest and lake."),
         n_images: int = typer.Option(24, help="Synthetic images to generate."),
         seed: int = typer.Option(0),
-        models: bool = typer.Option(True, "--models/--no-models", help="Also run RootSAM and RootQuant (random weights)."),
+        models: bool = typer.Option(True, "--models/--no-models", help="Also train a forest on part of the archive and run it, RootSAM and RootQuant (random weights) on the archive."),
     ) -> None:
         """End to end on an embedded default: synthetic archive -> manifest -> Ray -> Delta -> summary."""
         from rootflow.demo import run_demo
 
         run_demo(out, n_images=n_images, seed=seed, models=models)
+
+    from rootflow.inference import _cli_segment
+
+    _cli_segment.register(app)

@@ -3,7 +3,7 @@
 The whole chain reads top to bottom in :func:`build_dataset`::
 
     manifest rows -> read bytes (threads, retries) -> decode/validate
-      -> model actors (RootSAM, RootQuant; separate pools or fused on one GPU)
+      -> model actors (forest, U-Net, RootSAM, RootQuant; separate pools or fused on one GPU)
       -> traits (CPU) -> output records
     driver: stream records, commit traits/rejects to Delta in a few large MERGEs
 
@@ -45,7 +45,9 @@ from rootflow.io.storage import StorageLike, StorageOptions
 
 log = logging.getLogger(__name__)
 
-PRODUCERS = ("mask", "rootsam", "rootquant")
+#: ``mask`` = traits of the manifest's given masks; ``forest``/``unet``/``rootsam`` = traits of
+#: the mask each model makes; ``rootquant`` = length and area regressed from the image.
+PRODUCERS = ("mask", "forest", "unet", "rootsam", "rootquant")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +61,7 @@ class Resources:
         model_actors: (min, max) actors per model pool (autoscaling between them).
         model_batch_size: images per model call.
         model_num_gpus / model_num_cpus: resources per model actor.
-        fuse_models: run RootSAM and RootQuant in the same actor (one GPU, no hand-off).
+        fuse_models: run all model stages in the same actor (one GPU, no hand-off).
         max_in_flight_per_actor: batches queued per actor (keeps the GPU fed).
     """
 
@@ -87,11 +89,14 @@ class InferConfig:
     """What one processing run does.
 
     Attributes:
-        producers: any of ``mask`` (traits of the manifest's given masks), ``rootsam``,
-            ``rootquant``.
+        producers: any of ``mask`` (traits of the manifest's given masks), ``forest``,
+            ``unet``, ``rootsam``, ``rootquant``.
+        forest / unet: fields of :class:`rootflow.inference.segment.SegmenterInferenceConfig`
+            (``model`` URI, required when the producer is requested; ``sha256``,
+            ``num_threads``, ``device``).
         rootsam / rootquant: fields of the models' inference configs (see their modules).
         trait_options: keyword arguments for :func:`rootflow.traits.measure`.
-        write_masks: save RootSAM masks as PNG under ``<lake>/masks/...``.
+        write_masks: save the models' masks as PNG under ``<lake>/masks/<producer>/...``.
         commit_every: rows buffered by the driver between Delta commits.
         skip_done: skip images that already have rows for every producer/version (resume).
         since / until: only images captured in ``[since, until]`` (ISO dates).
@@ -100,6 +105,8 @@ class InferConfig:
     """
 
     producers: tuple[str, ...] = ("mask",)
+    forest: dict[str, Any] = dataclasses.field(default_factory=dict)
+    unet: dict[str, Any] = dataclasses.field(default_factory=dict)
     rootsam: dict[str, Any] = dataclasses.field(default_factory=dict)
     rootquant: dict[str, Any] = dataclasses.field(default_factory=dict)
     trait_options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -116,6 +123,9 @@ class InferConfig:
         bad = [p for p in self.producers if p not in PRODUCERS]
         if bad or not self.producers:
             raise ValueError(f"unknown producer(s) {bad}; choose from {list(PRODUCERS)}")
+        for p in SEGMENTERS:
+            if p in self.producers:
+                segmenter_config(self, p)  # a missing model URI or a bad key fails here
 
 
 @dataclasses.dataclass
@@ -161,6 +171,23 @@ def _rootquant_factory(cfg: Any, *, storage_options: dict[str, Any] | None = Non
     return RootQuantStage(cfg, storage_options=storage_options)
 
 
+def _segmenter_factory(cfg: Any, *, storage_options: dict[str, Any] | None = None) -> Any:
+    from rootflow.inference.segment import SegmenterStage
+
+    return SegmenterStage(cfg, storage_options=storage_options)
+
+
+#: Producers that are trained per-pixel segmenters, loaded by ``load_segmenter``.
+SEGMENTERS = ("forest", "unet")
+
+
+def segmenter_config(cfg: InferConfig, producer: str) -> Any:
+    """``cfg.forest`` / ``cfg.unet`` as a checked SegmenterInferenceConfig for ``producer``."""
+    from rootflow.inference.segment import config_from
+
+    return config_from(getattr(cfg, producer), kind=producer)
+
+
 def rootsam_config(cfg: InferConfig) -> Any:
     from rootflow.inference.rootsam import RootSAMInferenceConfig
 
@@ -175,6 +202,9 @@ def rootquant_config(cfg: InferConfig) -> Any:
 
 def model_stage_specs(cfg: InferConfig) -> list[tuple[str, Callable[..., Any], Any]]:
     specs: list[tuple[str, Callable[..., Any], Any]] = []
+    for p in SEGMENTERS:
+        if p in cfg.producers:
+            specs.append((p, _segmenter_factory, segmenter_config(cfg, p)))
     if "rootsam" in cfg.producers:
         specs.append(("rootsam", _rootsam_factory, rootsam_config(cfg)))
     if "rootquant" in cfg.producers:
@@ -183,7 +213,13 @@ def model_stage_specs(cfg: InferConfig) -> list[tuple[str, Callable[..., Any], A
 
 
 def resolve_model_versions(cfg: InferConfig, storage: StorageLike = None) -> dict[str, str]:
-    """Model version of each producer, known before any actor starts (for skip/resume)."""
+    """Model version of each producer, known before any actor starts (for skip/resume).
+
+    Forest and U-Net files are read and loaded here, once, on the driver: their version is the
+    segmenter's own (hash of weights and output-changing settings), and a missing, corrupt or
+    wrong-kind file raises :class:`~rootflow.models.segmenters.SegmenterLoadError` before the
+    run starts.
+    """
     versions: dict[str, str] = {}
     if "mask" in cfg.producers:
         from rootflow.traits import TRAITS_VERSION
@@ -192,6 +228,11 @@ def resolve_model_versions(cfg: InferConfig, storage: StorageLike = None) -> dic
         suffix = "" if not cfg.trait_options else "-" + hashlib.sha1(opts.encode()).hexdigest()[:8]
         versions["mask"] = f"traits-{TRAITS_VERSION}{suffix}"
     so = StorageOptions.from_mapping(storage).to_dict()
+    for p in SEGMENTERS:
+        if p in cfg.producers:
+            from rootflow.inference.segment import model_version as seg_version
+
+            versions[p] = seg_version(segmenter_config(cfg, p), storage_options=so)
     if "rootsam" in cfg.producers:
         from rootflow.inference.rootsam import model_version
 
@@ -284,7 +325,8 @@ def scope_key(manifest_uri: str, cfg: InferConfig, versions: dict[str, str]) -> 
 def run(manifest_uri: str, lake_uri: str, cfg: InferConfig, *,
         storage_options: StorageLike = None, run_id: str | None = None,
         job_kind: str = "infer", progress: bool = True,
-        on_commit: Callable[[int], None] | None = None) -> RunSummary:
+        on_commit: Callable[[int], None] | None = None,
+        model_versions: dict[str, str] | None = None) -> RunSummary:
     """Process a manifest into the lake. Requires a connected Ray (``ray.init`` done by caller).
 
     Args:
@@ -296,6 +338,9 @@ def run(manifest_uri: str, lake_uri: str, cfg: InferConfig, *,
         job_kind: recorded in ``runs`` (``infer``, ``reprocess``, ``demo``).
         progress: show Ray Data's progress bars.
         on_commit: called with the number of rows committed so far (tests use it to kill us).
+        model_versions: :func:`resolve_model_versions` already done by the caller (the CLI does
+            it before starting Ray, so a bad model file fails in a second, not after Ray's
+            start-up); None = resolve here.
     """
     import ray.data
 
@@ -313,7 +358,13 @@ def run(manifest_uri: str, lake_uri: str, cfg: InferConfig, *,
     manifest = read_manifest(manifest_uri, storage_options=so)
     n_manifest = manifest.num_rows
     rows = select_rows(manifest, cfg)
-    versions = resolve_model_versions(cfg, so)
+    if model_versions is None:
+        versions = resolve_model_versions(cfg, so)
+    else:
+        versions = dict(model_versions)
+        if set(versions) != set(cfg.producers):
+            raise ValueError(f"model_versions has {sorted(versions)}, the run's producers are "
+                             f"{sorted(cfg.producers)}")
     lake = Lake(lake_uri, storage_options=so)
 
     if cfg.skip_done and rows.num_rows:

@@ -66,15 +66,23 @@ def _opt(batch: Batch, col: str, i: int) -> Any:
 #: not unify; "missing" is therefore an *empty value of the column's type* ("" / b"" / an empty
 #: image), which :func:`_opt` reads back as None.
 _STR, _BYTES, _IMAGE = "", b"", np.zeros((0, 0, 3), np.uint8)
+
+#: Producers whose model stage outputs a mask: each adds ``<p>_mask_png``, ``<p>_confidence``,
+#: ``<p>_model_version`` and ``<p>_params``, and all are measured, written and recorded by the
+#: same code (:func:`traits`, :func:`_producer_record`).
+MASK_PRODUCERS = ("forest", "unet", "rootsam")
+
 COLUMN_KINDS: dict[str, Any] = {
     "error": _STR, "image_bytes": _BYTES, "mask_bytes": _BYTES, "image": _IMAGE,
-    "mask_png": _BYTES, "rootsam_mask_png": _BYTES, "rootsam_mask_uri": _STR,
-    "rootsam_params": _STR, "rootsam_model_version": _STR, "rootquant_model_version": _STR,
-    "traits_mask": _STR, "traits_rootsam": _STR, "error_mask": _STR, "error_rootsam": _STR,
-    "rootsam_error": _STR, "rootquant_error": _STR,
+    "mask_png": _BYTES, "rootquant_model_version": _STR,
+    "traits_mask": _STR, "error_mask": _STR, "rootquant_error": _STR,
 }
-_FLOAT_COLUMNS = ("rootsam_confidence", "rootquant_length_mm", "rootquant_area_mm2",
-                  "rootquant_presence")
+for _p in MASK_PRODUCERS:
+    COLUMN_KINDS.update({f"{_p}_mask_png": _BYTES, f"{_p}_mask_uri": _STR,
+                         f"{_p}_params": _STR, f"{_p}_model_version": _STR,
+                         f"traits_{_p}": _STR, f"error_{_p}": _STR, f"{_p}_error": _STR})
+_FLOAT_COLUMNS = (*(f"{p}_confidence" for p in MASK_PRODUCERS), "rootquant_length_mm",
+                  "rootquant_area_mm2", "rootquant_presence")
 
 
 def normalize(batch: Batch) -> Batch:
@@ -237,12 +245,13 @@ def mask_uri_for(lake_uri: str, model_name: str, model_version: str, row: dict[s
 def traits(batch: Batch, *, producers: tuple[str, ...], lake_uri: str,
            storage_options: dict[str, Any] | None = None,
            trait_options: dict[str, Any] | None = None, write_masks: bool = True) -> Batch:
-    """Measure traits of the given mask (producer ``mask``) and of RootSAM's mask.
+    """Measure traits of the given mask (producer ``mask``) and of every model's mask.
 
-    Adds ``traits_mask`` / ``traits_rootsam`` (object: dict or None) and ``rootsam_mask_uri``
-    (where the RootSAM mask PNG was written). A row fails here only for a reason that concerns
-    the whole image; a producer-specific failure is recorded for that producer alone in
-    ``error_<producer>`` so the other producers' rows still land.
+    Adds ``traits_<p>`` (JSON string or None) for ``mask`` and each requested producer of
+    :data:`MASK_PRODUCERS`, and ``<p>_mask_uri`` (where that producer's mask PNG was written,
+    :func:`mask_uri_for`). A row fails here only for a reason that concerns the whole image; a
+    producer-specific failure is recorded for that producer alone in ``error_<p>`` so the other
+    producers' rows still land.
     """
     from rootflow.traits import measure
 
@@ -250,9 +259,17 @@ def traits(batch: Batch, *, producers: tuple[str, ...], lake_uri: str,
     n = _n(batch)
     errors = _errors(batch)
     opts = dict(trait_options or {})
-    result: dict[str, list[Any]] = {"traits_mask": [None] * n, "traits_rootsam": [None] * n,
-                                    "rootsam_mask_uri": [None] * n,
-                                    "error_mask": [None] * n, "error_rootsam": [None] * n}
+    models = [p for p in MASK_PRODUCERS if p in producers]
+    result: dict[str, list[Any]] = {}
+    for p in ("mask", *models):
+        result[f"traits_{p}"] = [None] * n
+        result[f"error_{p}"] = [None] * n
+    for p in models:
+        result[f"{p}_mask_uri"] = [None] * n
+
+    def measured(png: bytes, dpi: float) -> str:
+        return json.dumps(measure(images.decode_mask(png), dpi=dpi, **opts))
+
     for i in range(n):
         if errors[i]:
             continue
@@ -263,27 +280,23 @@ def traits(batch: Batch, *, producers: tuple[str, ...], lake_uri: str,
                 result["error_mask"][i] = "traits: no mask_uri for this image"
             else:
                 try:
-                    result["traits_mask"][i] = json.dumps(
-                        measure(images.decode_mask(png), dpi=dpi, **opts))
+                    result["traits_mask"][i] = measured(png, dpi)
                 except Exception as e:
                     result["error_mask"][i] = _fail("traits", e)
-        if "rootsam" in producers:
-            png = _opt(batch, "rootsam_mask_png", i)
-            rs_err = _opt(batch, "rootsam_error", i)
+        for p in models:
+            png = _opt(batch, f"{p}_mask_png", i)
             if png is None:
-                result["error_rootsam"][i] = rs_err or "rootsam: no mask produced"
+                result[f"error_{p}"][i] = _opt(batch, f"{p}_error", i) or f"{p}: no mask produced"
                 continue
             try:
-                result["traits_rootsam"][i] = json.dumps(
-                    measure(images.decode_mask(png), dpi=dpi, **opts))
+                result[f"traits_{p}"][i] = measured(png, dpi)
                 if write_masks:
                     row = {k: batch[k][i] for k in ("year", "tube", "image_id")}
-                    uri = mask_uri_for(lake_uri, "rootsam",
-                                       str(batch["rootsam_model_version"][i]), row)
+                    uri = mask_uri_for(lake_uri, p, str(batch[f"{p}_model_version"][i]), row)
                     storage.write_bytes(uri, png, storage_options)
-                    result["rootsam_mask_uri"][i] = uri
+                    result[f"{p}_mask_uri"][i] = uri
             except Exception as e:
-                result["error_rootsam"][i] = _fail("traits", e)
+                result[f"error_{p}"][i] = _fail("traits", e)
     for k, v in result.items():
         batch[k] = _objects(v)
     _timed(batch, "traits", t0)
@@ -295,7 +308,7 @@ MANIFEST_COLUMNS = ("image_id", "image_uri", "file_name", "experiment", "tube", 
                     "session", "captured_at", "year", "operator", "dpi", "depth_cm", "depth",
                     "mask_uri", "species", "treatment", "tile")
 
-TIMING_STAGES = ("read", "decode", "rootsam", "traits", "rootquant")
+TIMING_STAGES = ("read", "decode", *MASK_PRODUCERS, "traits", "rootquant")
 
 
 def _plain(v: Any) -> Any:
@@ -322,15 +335,15 @@ def to_records(batch: Batch, *, producers: tuple[str, ...], run_id: str,
         base = {c: _plain(_opt(batch, c, i)) for c in MANIFEST_COLUMNS if c in batch}
         base["run_id"] = run_id
         out: list[tuple[str, dict[str, Any]]] = []
-        if errors[i]:
-            stage = errors[i].split(":", 1)[0]
+        err = errors[i]
+        if err:
+            stage = err.split(":", 1)[0]
             for p in producers:
                 out.append(("reject", {**base, "model_name": p, "stage": stage,
-                                       "reason": errors[i]}))
+                                       "reason": err}))
         else:
             for p in producers:
-                rec = _producer_record(batch, i, p, base, model_versions)
-                out.append(rec)
+                out.append(_producer_record(batch, i, p, base, model_versions))
         for kind, rec in out:
             kinds.append(kind)
             records.append(rec)
@@ -347,19 +360,21 @@ def to_records(batch: Batch, *, producers: tuple[str, ...], run_id: str,
 def _producer_record(batch: Batch, i: int, producer: str, base: dict[str, Any],
                      model_versions: dict[str, str]) -> tuple[str, dict[str, Any]]:
     rec = {**base, "model_name": producer, "model_version": model_versions[producer]}
-    if producer in ("mask", "rootsam"):
+    if producer == "mask" or producer in MASK_PRODUCERS:
         err = _opt(batch, f"error_{producer}", i)
         if err:
             return "reject", {**base, "model_name": producer, "stage": err.split(":", 1)[0],
                               "reason": err}
         rec.update(json.loads(batch[f"traits_{producer}"][i]))
-        if producer == "rootsam":
-            rec["mask_uri"] = _opt(batch, "rootsam_mask_uri", i)
-            rec["confidence"] = float(batch["rootsam_confidence"][i])
-            rec["params"] = str(batch["rootsam_params"][i])
-            rec["model_version"] = str(batch["rootsam_model_version"][i])
-        else:
+        if producer == "mask":
             rec["params"] = json.dumps({"source": "given mask"})
+        else:
+            # The mask this row's traits were measured on (None with write_masks off), and the
+            # version the actor that made it reports.
+            rec["mask_uri"] = _opt(batch, f"{producer}_mask_uri", i)
+            rec["confidence"] = float(batch[f"{producer}_confidence"][i])
+            rec["params"] = str(batch[f"{producer}_params"][i])
+            rec["model_version"] = str(batch[f"{producer}_model_version"][i])
         return "traits", rec
     if producer == "rootquant":
         err = _opt(batch, "rootquant_error", i)
@@ -379,13 +394,13 @@ def _producer_record(batch: Batch, i: int, producer: str, base: dict[str, Any],
 
 
 class ModelActor:
-    """Ray Data actor holding one or more model stages (RootSAM, RootQuant, or both fused).
+    """Ray Data actor holding one or more model stages (forest, U-Net, RootSAM, RootQuant).
 
     Each inner stage follows the stage contract (it marks failed rows in ``error``). This wrapper
     keeps failures *per producer*: errors an inner stage adds are moved to ``<stage>_error`` and
     the image's own ``error`` is restored, so a RootSAM failure does not drop the same image's
     mask-derived or RootQuant rows. An exception escaping a stage marks the whole batch for that
-    producer instead of killing the job. With ``[rootsam, rootquant]`` in one actor the two models
+    producer instead of killing the job. With several stages in one actor the models
     share a GPU and the decoded image never leaves the actor between them ("fused" mode).
 
     Args:

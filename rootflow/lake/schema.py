@@ -24,8 +24,9 @@ TRAITS_KEY: tuple[str, ...] = ("image_id", "model_name", "model_version")
 REJECTS_KEY: tuple[str, ...] = ("run_id", "image_id", "model_name")
 RUNS_KEY: tuple[str, ...] = ("run_id",)
 
-MODEL_NAMES: tuple[str, ...] = ("mask", "rootsam", "rootquant")
-"""Producers of traits rows: traits of given masks, of RootSAM masks, RootQuant regressions."""
+MODEL_NAMES: tuple[str, ...] = ("mask", "forest", "unet", "rootsam", "rootquant")
+"""Producers of traits rows: traits of given masks, of forest / U-Net / RootSAM masks, and
+RootQuant regressions (the job's ``PRODUCERS``)."""
 
 PRODUCER_FIELDS: tuple[pa.Field, ...] = (
     pa.field("rootquant_length_mm", pa.float64()),

@@ -68,3 +68,17 @@ def counts_by_image(table: pa.Table, model_name: str) -> dict[str, int]:
     for i in t["image_id"].to_pylist():
         out[i] = out.get(i, 0) + 1
     return out
+
+
+def accounting(lake: Any, run_id: str, producers: tuple[str, ...], arch: Archive) -> None:
+    """Every manifest row ends, per producer, as exactly one traits row or one rejects row."""
+    traits = lake.read("traits")
+    rejects = lake.read("rejects")
+    rejects = rejects.filter(pc.equal(rejects["run_id"], run_id))
+    for p in producers:
+        ok = counts_by_image(traits, p)
+        bad = counts_by_image(rejects, p)
+        assert all(v == 1 for v in ok.values()), f"duplicate traits rows for {p}"
+        assert all(v == 1 for v in bad.values()), f"duplicate rejects rows for {p}"
+        assert not set(ok) & set(bad), f"an image is both ok and rejected for {p}"
+        assert len(ok) + len(bad) == arch.n_rows, (p, len(ok), len(bad), arch.n_rows)

@@ -5,28 +5,14 @@ from __future__ import annotations
 import dataclasses
 
 import polars as pl
-import pyarrow.compute as pc
 import pytest
 
 from rootflow.inference.pipeline import InferConfig, Resources, run
 from rootflow.lake import Lake, query
-from tests.pipeline._helpers import counts_by_image, small_archive
+from tests.pipeline._helpers import accounting as _accounting
+from tests.pipeline._helpers import small_archive
 
 pytestmark = pytest.mark.ray
-
-
-def _accounting(lake: Lake, run_id: str, producers: tuple[str, ...], arch) -> None:
-    """Every manifest row ends, per producer, as exactly one traits row or one rejects row."""
-    traits = lake.read("traits")
-    rejects = lake.read("rejects")
-    rejects = rejects.filter(pc.equal(rejects["run_id"], run_id))
-    for p in producers:
-        ok = counts_by_image(traits, p)
-        bad = counts_by_image(rejects, p)
-        assert all(v == 1 for v in ok.values()), f"duplicate traits rows for {p}"
-        assert all(v == 1 for v in bad.values()), f"duplicate rejects rows for {p}"
-        assert not set(ok) & set(bad), f"an image is both ok and rejected for {p}"
-        assert len(ok) + len(bad) == arch.n_rows, (p, len(ok), len(bad), arch.n_rows)
 
 
 def test_mask_traits_end_to_end_with_bad_rows(ray_local, tmp_path) -> None:

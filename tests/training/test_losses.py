@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from rootflow.evaluation.metrics import SegmentationMeter, iou_dice, summarize
 from rootflow.training.losses import (
     LossConfig,
     boundary_loss,
@@ -15,7 +16,6 @@ from rootflow.training.losses import (
     rootsam_loss,
     signed_distance_map,
 )
-from rootflow.evaluation.metrics import SegmentationMeter, iou_dice, summarize
 
 
 def _disk(h: int = 32, w: int = 32, r: float = 6.0) -> np.ndarray:
