@@ -53,7 +53,8 @@ def _write_manifest(table, path: Path) -> None:
 
 
 def run_fold(model: str, table, folds, fold: int, out: Path, *, unet_minutes: float,
-             forest_minutes: float, threads: int) -> dict:
+             forest_minutes: float | None, threads: int,
+             forest_autocontext: bool = True) -> dict:
     import numpy as np
     import pyarrow as pa
 
@@ -74,9 +75,12 @@ def run_fold(model: str, table, folds, fold: int, out: Path, *, unet_minutes: fl
     _write_manifest(train, manifest)
     t0 = time.perf_counter()
     if model == "forest":
-        from rootflow.models.forest import train_forest
+        import dataclasses
 
-        res = train_forest(os.fspath(manifest), os.fspath(fdir / "model"),
+        from rootflow.models.forest import ForestConfig, train_forest
+
+        cfg = dataclasses.replace(ForestConfig(), autocontext=forest_autocontext)
+        res = train_forest(os.fspath(manifest), os.fspath(fdir / "model"), cfg=cfg,
                            max_minutes=forest_minutes, progress=False)
     else:
         from rootflow.inference._cli import init_ray
@@ -114,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sets", default=",".join(FOLDS))
     ap.add_argument("--folds", default=None, help="only these fold indices (e.g. 0,1)")
     ap.add_argument("--unet-minutes", type=float, default=10.0)
-    ap.add_argument("--forest-minutes", type=float, default=2.0)
+    ap.add_argument("--forest-minutes", type=float, default=None,
+                    help="forest budget per fold (default: none, as rootflow train forest)")
+    ap.add_argument("--forest-no-autocontext", action="store_true",
+                    help="one-stage forest (ForestConfig.autocontext=False)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -131,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             infos = []
             for f in want:
                 info = run_fold(model, table, folds, f, out, unet_minutes=args.unet_minutes,
-                                forest_minutes=args.forest_minutes, threads=args.threads)
+                                forest_minutes=args.forest_minutes, threads=args.threads,
+                                forest_autocontext=not args.forest_no_autocontext)
                 infos.append(info)
                 print(json.dumps({"set": name, "model": model, "fold": f,
                                   **{k2: info.get(k2) for k2 in ("n_train", "n_test", "train_s",
