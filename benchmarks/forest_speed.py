@@ -7,7 +7,8 @@ JPEG tube scans with hand-traced masks (0.1-3.5 % root pixels).
   reports training wall seconds on this machine's threads, then times ``predict_proba`` of one
   scan of another tube with ``num_threads=1`` (and OMP/MKL/OpenCV/numba at one thread):
   ``--repeats`` runs (default 3) after a warm-up, median CPU seconds (``time.process_time``:
-  on a shared machine wall time measures the neighbours), and the peak RSS of the process.
+  on a shared machine wall time measures the neighbours). Prediction runs in a fresh
+  process, so its peak RSS is inference's own (training's is reported separately).
 * **--check**: the quality check of the issue: train on all scans of tubes T002-T006, predict
   every scan of T007-T012 (unseen tubes) and report pooled Dice (2 sum TP / (sum P + sum T))
   at the saved threshold, and per scan. The threshold is chosen at training time, out of fold,
@@ -47,7 +48,38 @@ def _load(p: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _peak_rss_mb() -> float:
+    """Peak RSS of this process (VmHWM; ``ru_maxrss`` would carry a parent's peak across
+    fork + exec on Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _time_predict(model: bytes, scan: str, repeats: int) -> dict[str, object]:
+    """In a fresh process: one-thread predict_proba of ``scan``, CPU seconds and peak RSS."""
+    import cv2
+
+    from rootflow.models.forest import ForestSegmenter
+
+    cv2.setNumThreads(1)
+    seg = ForestSegmenter.from_bytes(model, num_threads=1)
+    img, _ = _load(Path(scan))
+    rss_before = _peak_rss_mb()
+    seg.predict_proba(img[:600, :600])  # warm-up (numba kernel from cache or compiled)
+    times = []
+    for _ in range(repeats):
+        t = time.process_time()
+        seg.predict_proba(img)
+        times.append(time.process_time() - t)
+    return {"predict_cpu_s_median": round(statistics.median(times), 2),
+            "predict_cpu_s": [round(x, 2) for x in times],
+            "predict_peak_rss_mb": round(_peak_rss_mb()),
+            "rss_before_predict_mb": round(rss_before)}
 
 
 def main() -> None:
@@ -110,17 +142,13 @@ def main() -> None:
         result.update(pooled_dice=round(2 * tp / max(1, 2 * tp + fp + fn), 4),
                       test_scans=len(test_scans), per_scan=per_scan)
     else:
-        img, _ = _load(test_scans[0])
-        one.predict_proba(img[:600, :600])  # warm-up (numba kernel from cache or compiled)
-        times = []
-        for _ in range(args.repeats):
-            t = time.process_time()
-            one.predict_proba(img)
-            times.append(time.process_time() - t)
-        result.update(scan=test_scans[0].name, shape=list(img.shape[:2]),
-                      predict_cpu_s_median=round(statistics.median(times), 2),
-                      predict_cpu_s=[round(x, 2) for x in times])
-    result["peak_rss_mb"] = round(_peak_rss_mb())
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(1) as pool:
+            timing = pool.apply(_time_predict, (seg.to_bytes(), str(test_scans[0]),
+                                                args.repeats))
+        result.update(scan=test_scans[0].name, **timing)
+    result["train_peak_rss_mb"] = round(_peak_rss_mb())
     print(json.dumps(result, indent=2))
 
 

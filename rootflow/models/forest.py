@@ -1,67 +1,73 @@
 """An ilastik-style pixel classifier: multi-scale filter features + gradient-boosted trees.
 
-The forest is rootflow's cheap, trainable-in-minutes segmenter: a lab with fifteen traced scans
-(or a few scribbles on them) gets a model on a laptop, and it runs on CPU workers at a few
-seconds per scan. It satisfies :class:`rootflow.models.segmenters.Segmenter`.
+The forest is rootflow's cheap, trainable-in-minutes segmenter: a lab with a dozen traced scans
+(or a few scribbles on them) gets a model on a laptop's CPU, and it runs on CPU workers at
+~14 CPU-s per 2550 x 2273 scan. It satisfies :class:`rootflow.models.segmenters.Segmenter`.
+Numbers below are from ``benchmarks/forest_speed.py`` on the SegRoot soybean scans (train on
+tubes T002-T006, 12 scans; test on the unseen tubes T007-T012, 7 scans; pooled Dice), on a
+2-core machine shared with other jobs.
 
-**Features** (:func:`forest_features`, the ilastik set). On each colour channel and at each
-scale ``sigma`` (0.7 to 10 px by default): Gaussian smoothing, difference of Gaussians,
-gradient magnitude, Laplacian of Gaussian, the two Hessian eigenvalues and the two
-structure-tensor eigenvalues: 8 features per channel and scale, 96 by default. Channels are a
-*reduction* of RGB, not all three: ``grey`` (luma) carries the shape, and one opponent chroma
-channel ``rb`` = R - B carries what distinguishes a reddish-brown root from grey-brown soil and
-white mineral grains. R, G and B are highly correlated on soil, so all three cost 1.5x the
-features and time; measured on the SegRoot soybean scans (train T002-T006, test T007-T012,
-random forest mode) RGB reached test Dice 0.414 and grey + R-B 0.414 with 96 instead of 144
-features; grey alone 0.400. Scale choices are from the roots: mean root width in those masks
-is 2-4 px, so the three smallest scales resolve the root itself and the larger ones its
-surroundings (a dark tube edge, a bright grain).
+**Features** (:func:`forest_features`, the ilastik set). On each channel and at each scale
+``sigma`` (0.7 to 10 px): Gaussian smoothing, difference of Gaussians, gradient magnitude,
+Laplacian of Gaussian, the two Hessian eigenvalues and the two structure-tensor eigenvalues:
+8 planes per channel and scale, 96 by default. The channels are a *reduction* of RGB: ``grey``
+(luma) carries the shape and one opponent chroma channel ``rb`` = R - B what separates a
+reddish-brown root from grey-brown soil and white mineral grains. R, G and B are highly
+correlated on soil: all three cost 1.5x the features for nothing (stage-1 test Dice, random
+forest mode: RGB 0.414, grey + R-B 0.414, grey alone 0.400; adding R-G to grey + R-B, gradient
+boosting: 0.477 vs 0.469). The scales follow the roots: mean root width in these masks is
+2-4 px, so the smallest scales resolve the root and the larger ones its surroundings (tube
+wall, grains). Adding 0.5, 2.5 or 20 px changed Dice by < 0.005.
 
 Each smoothed image ``S = G_sigma * c`` is computed once with a separable float32 kernel (OpenCV
-``sepFilter2D``, truncated at ``truncate * sigma``); derivatives are central differences of
-``S`` (a 3-tap stencil; for a smoothed image this equals a derivative-of-Gaussian filter up to
-a small blur). Difference of Gaussians is between consecutive scales (``S_{i-1} - S_i``, the
-first against the raw channel): it needs no extra blur. The structure tensor uses the
-gradients at the finest scale smoothed at ``sigma`` (ilastik's inner scale is sigma/2; the
-finest scale keeps the halo small and, for 2-4 px roots, the orientation signal sharp).
-A full 2550 x 2273 scan costs ~2 CPU-s of features.
+``sepFilter2D``, truncated at ``truncate * sigma``); derivatives are 3-tap central differences
+of ``S`` (on a smoothed image, a derivative of Gaussian up to a slight extra blur); difference
+of Gaussians is between consecutive scales (``S_{i-1} - S_i``, the first against the channel
+itself), so neither needs another blur. The structure tensor smooths products of the
+finest-scale gradients at ``sigma`` (ilastik's inner scale is sigma/2; the finest one keeps
+the halo small and the orientation of a 2-4 px root sharp). Features of a whole scan: ~2 CPU-s.
 
-**Autocontext** (ilastik's two-stage workflow, on by default). Stage 1 classifies from the
-filter features; stage 2 sees the filter features *and* the same filters applied to stage 1's
-probability map (``context_sigmas``), so it can use "a root continues here" and "this is
-plastic tube wall, not soil" that no single-pixel feature carries. On the soybean check the
-second stage raised pooled test Dice from 0.469 to 0.515. Stage 2 is trained on
-*out-of-fold* stage-1 probabilities (each training image's map comes from a stage-1 model that
-did not see it), as stacking requires; otherwise stage 2 learns to trust an over-confident map.
+**Autocontext** (ilastik's two-stage workflow; on by default). Stage 1 classifies from the
+filter features; stage 2 sees them *and* the same filters applied to stage 1's probability
+map (``context_sigmas``), so it can use "a root continues here" or "this is the tube wall",
+which no single-pixel feature carries. Stage-1 Dice saturated at 0.46-0.48 whatever the scales,
+channels, sample sizes or tree sizes; the second stage gave 0.511-0.515. Stage 2 is trained on
+*out-of-fold* stage-1 maps (each training image's map comes from stage-1 trees that never saw
+it), as stacking requires: otherwise stage 2 learns to trust an over-confident map.
 
-**Trees.** LightGBM, ``boosting="gbdt"`` by default (100 rounds of 31 leaves). Measured on the
-soybean check with the same features and samples: gradient boosting 0.469-0.473 pooled test
-Dice, random-forest mode (``"rf"``, bagging, 100 trees of 63 leaves) 0.414; both are
-available. Per-pixel prediction runs in a small numba kernel (:class:`_Ensemble`) rather than
-``Booster.predict``: same splits, bit-identical raw scores (tested), ~1.5-2x faster on
-feature maps laid out channel-first, and with an optional early exit: every ``exit_every``
-trees, pixels whose partial probability is below ``early_exit`` (a clear background pixel,
-~95 % of a scan) stop. Their probability is that partial estimate; the mask does not change
-(they are far below any threshold chosen here; see the docs for the measurement).
+**Trees.** LightGBM gradient boosting (``boosting="gbdt"``), 60 rounds of 31 leaves at most 6
+deep, per stage. Measured at stage 1 with the same features and samples: gradient boosting
+0.469 test Dice, random-forest mode (``"rf"``: bagging, 100 trees of 63 leaves) 0.414, so gbdt
+is the default and rf stays available. Depth 6 and 60 rounds at learning rate 0.15 cost 0.003
+Dice against depth 10 and 100 rounds, and predict 2.7x faster. Per-pixel prediction runs in a
+small numba kernel (:class:`_Ensemble`) instead of ``Booster.predict``: the same splits and
+bit-identical raw scores (tested), on feature maps laid out channel-first as the filters write
+them, ~1.5x faster than LightGBM's row-wise predictor here.
 
 **Training.** Labels are full masks (bool) or scribbles (int: 1 root, 0 background, -1 or 255
 unlabelled). Per image at most ``samples_per_class`` pixels of each class are drawn (seeded),
-so a scan with 1 % root pixels teaches both classes equally. That balance shifts probabilities
-toward "root", so the threshold is chosen afterwards to maximise pooled Dice on a
-natural-frequency sample of labelled pixels, predicted *out of fold* (two folds of images; of
-image halves when there is one image): never on test data, never in-sample.
+so a scan with 1 % root pixels teaches both classes alike. That balance pushes probabilities
+toward "root" (the chosen threshold is ~0.96 on the soybean scans), so the threshold is picked
+afterwards to maximise pooled Dice on a natural-frequency sample of labelled pixels, predicted
+*out of fold* (two folds of images, or the two halves of a single image): never on test data,
+never in-sample. On the soybean check that threshold gave 0.511 where the best possible
+threshold on the test scans gives 0.515. Training on the 12 scans: ~4-6 min wall on the busy
+2-core machine (features, then six LightGBM fits: two fold models and a full one per stage),
+peak RSS 2 GB; ``max_seconds`` bounds it.
 
 **Tiles.** Inference never holds the features of a whole scan (96 float32 maps of 2550 x 2273
-would be 2.2 GB). Each ``tile`` x ``tile`` block is computed from a window grown by the
-receptive field of the whole chain (:func:`feature_halo`, and for autocontext the stage-2
-halo on top of the stage-1 one); only the centre is kept. Every filter's support is finite
-(truncated kernels), so the centre is the same as in an untiled run (tested on odd sizes).
+are 2.2 GB). Each ``tile`` x ``tile`` block is computed from a window grown by the receptive
+field of the whole chain (:func:`feature_halo`; with autocontext the context filters' halo on
+top), and only its centre is kept. At the image edge the channels are mirrored once, as deep
+as the whole chain reaches, so edge tiles are computed like any other. Every filter has finite
+support (truncated kernels) and no kept pixel is ever computed by OpenCV's edge code
+(``_TAIL``), so the result equals an untiled run bit for bit (tested on odd sizes, and on real
+scans for tiles of 200, 333, 512 and 2048 px).
 
-**File.** One JSON document, no pickle: ``{"format": "rootflow.forest/1", "config": ...,
-"feature_names": [...], "threshold": t, "lightgbm": "<final-stage LightGBM text model>",
-"lightgbm_context": "<stage-1 model>" or null, "train": {...}}``. Its sha256 is the model's
-identity: ``version = "forest-" + sha256[:12]``, so any change of trees, features, threshold or
-tile changes the version.
+**File.** One JSON document, nothing to unpickle: ``{"format": "rootflow.forest/1", "config":
+..., "feature_names": [...], "threshold": t, "lightgbm": "<final-stage LightGBM text model>",
+"lightgbm_context": "<stage-1 model>" or null, "train": {...}}``. ``version`` is
+``"forest-" + sha256(file)[:12]``: any change of trees, features, threshold or tile changes it.
 """
 
 from __future__ import annotations
@@ -127,8 +133,6 @@ class ForestConfig:
             min_data_in_leaf, bagging_fraction, feature_fraction: LightGBM settings.
         samples_per_class: cap of sampled training pixels per class per image.
         threshold_samples: natural-frequency labelled pixels per image for the threshold.
-        early_exit: probability below which a pixel stops being evaluated (checked every
-            ``exit_every`` trees; 0 disables).
         tile: inference tile side in px (the output does not depend on it).
         seed: sampling and LightGBM seed.
     """
@@ -140,17 +144,15 @@ class ForestConfig:
     autocontext: bool = True
     context_sigmas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
     boosting: str = "gbdt"
-    n_estimators: int = 100
+    n_estimators: int = 60
     num_leaves: int = 31
-    max_depth: int = 10
-    learning_rate: float = 0.1
+    max_depth: int = 6
+    learning_rate: float = 0.15
     min_data_in_leaf: int = 20
     bagging_fraction: float = 0.8
     feature_fraction: float = 0.8
     samples_per_class: int = 20000
     threshold_samples: int = 50000
-    early_exit: float = 0.02
-    exit_every: int = 10
     tile: int = 512
     seed: int = 0
 
@@ -177,8 +179,6 @@ class ForestConfig:
             raise bad(f"tile must be >= 32 px, got {self.tile}")
         if self.n_estimators < 1 or self.num_leaves < 2 or self.samples_per_class < 1:
             raise bad("n_estimators >= 1, num_leaves >= 2, samples_per_class >= 1")
-        if not 0.0 <= self.early_exit < 0.5 or self.exit_every < 1:
-            raise bad("early_exit in [0, 0.5) and exit_every >= 1")
         if not 0 < self.bagging_fraction <= 1 or not 0 < self.feature_fraction <= 1:
             raise bad("bagging_fraction and feature_fraction in (0, 1]")
         if self.boosting == "rf" and self.bagging_fraction >= 1:
@@ -282,8 +282,8 @@ def _features_into(chans: np.ndarray, cfg: ForestConfig, out: np.ndarray,
     """Write the features of ``chans`` (C, h, w) cropped to ``crop`` (y0, y1, x0, x1) into
     ``out`` (F, y1 - y0, x1 - x0), in :func:`feature_names` order.
 
-    Border handling is OpenCV's ``BORDER_REFLECT`` (scipy's ``reflect``) at every step, so a
-    window touching the image edge sees exactly what the whole image sees there.
+    Each step extrapolates at the window's edge with OpenCV's ``BORDER_REFLECT``; callers
+    (:class:`_Stages`) keep only pixels far enough inside for that never to matter.
     """
     import cv2
 
@@ -364,11 +364,10 @@ def forest_features(image: np.ndarray, cfg: ForestConfig) -> np.ndarray:
     tile. F = ``len(feature_names(cfg))``.
     """
     img = _check_image(image)
-    chans = _channels(img, cfg)
-    h, w = chans.shape[1:]
-    out = np.empty((len(feature_names(cfg)), h, w), np.float32)
+    h, w = img.shape[:2]
+    stages = _Stages(dataclasses.replace(cfg, autocontext=False))
     with _cv2_threads(1):
-        _features_into(chans, cfg, out, (0, h, 0, w))
+        out = stages.stage1_features(stages.channels(img), (0, h, 0, w))
     return np.ascontiguousarray(np.moveaxis(out, 0, -1))
 
 
@@ -418,50 +417,27 @@ def _kernel() -> Callable[..., None]:
     import numba
 
     @numba.njit(nogil=True, cache=True, boundscheck=False)
-    def sum_trees(x, feat, thr, kids, value, root, depth, every, exit_raw, avg, out):
-        # x (F, N) float32; node arrays cover internal nodes and leaves (leaves loop to
-        # themselves with an infinite threshold), so every pixel takes exactly depth[t] steps
-        # per tree: no data-dependent branch in the inner loop.
+    def sum_trees(x, feat, thr, kids, value, root, depth, out):
+        # x (F, N) float32, one column per pixel; out (N,) float64 raw sums. Node arrays cover
+        # internal nodes and leaves (a leaf loops to itself: infinite threshold), so every
+        # pixel takes exactly depth[t] steps in tree t: no data-dependent branch inside the
+        # loop over a block of pixels, whose feature columns stay in cache for all trees.
         n = x.shape[1]
-        nt = root.shape[0]
         block = 256
         node = np.empty(block, np.int32)
-        act = np.empty(block, np.int32)
-        used = np.empty(block, np.int32)
         acc = np.empty(block, np.float64)
         for i0 in range(0, n, block):
             m = min(block, n - i0)
-            for k in range(m):
-                acc[k] = 0.0
-                act[k] = i0 + k
-                used[k] = nt
-            na = m
-            for t in range(nt):
-                r = root[t]
-                for j in range(na):
-                    node[j] = r
+            acc[:m] = 0.0
+            for t in range(root.shape[0]):
+                node[:m] = root[t]
                 for _ in range(depth[t]):
-                    for j in range(na):
+                    for j in range(m):
                         nd = node[j]
-                        node[j] = kids[2 * nd + (x[feat[nd], act[j]] > thr[nd])]
-                for j in range(na):
-                    acc[act[j] - i0] += value[node[j]]
-                if every > 0 and (t + 1) % every == 0 and t + 1 < nt:
-                    nb = 0
-                    for j in range(na):
-                        a = acc[act[j] - i0]
-                        if avg:
-                            a = a / (t + 1)
-                        if a >= exit_raw:
-                            act[nb] = act[j]
-                            nb += 1
-                        else:
-                            used[act[j] - i0] = t + 1
-                    na = nb
-                    if na == 0:
-                        break
-            for k in range(m):
-                out[i0 + k] = acc[k] / used[k] if avg else acc[k]
+                        node[j] = kids[2 * nd + (x[feat[nd], i0 + j] > thr[nd])]
+                for j in range(m):
+                    acc[j] += value[node[j]]
+            out[i0:i0 + m] = acc[:m]
 
     return sum_trees
 
@@ -532,7 +508,7 @@ class _Ensemble:
             dt = [int(v) for v in kv["decision_type"].split()]
             lc = [int(v) for v in kv["left_child"].split()]
             rc = [int(v) for v in kv["right_child"].split()]
-            if any(d & 1 or (d >> 2) & 3 == 1 for d in dt):  # categorical / zero-as-missing
+            if any(d & 1 or ((d >> 2) & 3) == 1 for d in dt):  # categorical, zero-as-missing
                 raise _Unsupported
 
             def index(c: int, base: int = base, n_int: int = n_int) -> int:
@@ -570,20 +546,17 @@ class _Ensemble:
         if len(root) != self.n_trees:
             raise ValueError(f"parsed {len(root)} trees, LightGBM has {self.n_trees}")
 
-    def predict(self, x: np.ndarray, *, early_exit: float = 0.0, every: int = 10) -> np.ndarray:
+    def predict(self, x: np.ndarray) -> np.ndarray:
         """Probabilities for ``x`` (F, N) float32 (one column per pixel) -> float32 (N,)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self.fast:
             raw = np.empty(x.shape[1], np.float64)
-            exit_raw = (math.log(early_exit / (1 - early_exit)) / self.sigmoid
-                        if early_exit > 0 else -np.inf)
-            _kernel()(x, self.feat, self.thr, self.kids, self.value, self.root, self.depth,
-                      every if early_exit > 0 else 0, exit_raw, self.average, raw)
+            _kernel()(x, self.feat, self.thr, self.kids, self.value, self.root, self.depth, raw)
         else:
             raw = np.asarray(self.booster.predict(x.T, raw_score=True, num_threads=1),
                              np.float64)
-            if self.average:
-                raw = raw / max(1, self.n_trees)
+        if self.average:  # random forest: LightGBM averages the summed trees
+            raw = raw / max(1, self.n_trees)
         return (1.0 / (1.0 + np.exp(-self.sigmoid * raw))).astype(np.float32)
 
 
@@ -598,69 +571,89 @@ def _tiles(h: int, w: int, tile: int) -> list[tuple[int, int, int, int]]:
             for y in range(0, h, tile) for x in range(0, w, tile)]
 
 
-def _window(y: int, x: int, th: int, tw: int, grow: int, h: int, w: int,
-            ) -> tuple[int, int, int, int]:
-    return max(0, y - grow), min(h, y + th + grow), max(0, x - grow), min(w, x + tw + grow)
+#: Extra rows and columns computed and thrown away after every filter window. OpenCV computes
+#: pixels near a window's edge (its border extrapolation, the scalar tail of its vector loops)
+#: by other code than the interior, which rounds differently in the last bit, and a tree split
+#: can turn that bit into another leaf (measured: 16 of 697k probabilities changed between two
+#: tilings before). Kept pixels are always at least ``halo + _TAIL`` from the bottom and right
+#: edge and ``halo`` from the top and left edge of their window, so they always come from the
+#: interior code and their features, bit for bit, do not depend on the tiling (tested).
+_TAIL = 32
 
 
 class _Stages:
-    """Stage 1 (+ stage 2) of a forest: features and probabilities of one tile."""
+    """Stage 1 (+ stage 2) of a forest: padded channels, features and probabilities of a tile.
 
-    def __init__(self, cfg: ForestConfig, stage1: _Ensemble, stage2: _Ensemble | None,
-                 threshold: float) -> None:
+    Coordinates are the image's. The channels are mirrored once at the image edge by
+    ``pad = h1 + h2 + _TAIL`` px, so every window, at the edge or not, sees real or mirrored
+    pixels to the full depth of its receptive field: stage 1 needs ``h1`` around each pixel,
+    stage 2 needs stage-1 probabilities ``h2`` around each pixel (themselves computed, at the
+    edge, from mirrored pixels).
+    """
+
+    def __init__(self, cfg: ForestConfig, stage1: _Ensemble | None = None,
+                 stage2: _Ensemble | None = None) -> None:
         self.cfg = cfg
         self.ctx = cfg.context()
         self.stage1 = stage1
         self.stage2 = stage2
-        # Stage 1's early exit is the configured one (training saw the same maps); the final
-        # stage's never decides a pixel near the threshold.
-        self.exit_final = min(cfg.early_exit, threshold / 2)
-        self.exit1 = cfg.early_exit if stage2 is not None else self.exit_final
         self.n1 = len(feature_names(cfg))
         self.n2 = len(context_feature_names(cfg))
         self.h1 = feature_halo(cfg)
         self.h2 = feature_halo(self.ctx) if self.ctx is not None else 0
+        self.pad = self.h1 + self.h2 + _TAIL
+
+    def channels(self, image: np.ndarray) -> np.ndarray:
+        """Channel reductions of ``image`` (C, H + 2 pad, W + 2 pad), mirrored at the edge."""
+        c = _channels(image, self.cfg)
+        p = self.pad
+        return np.pad(c, ((0, 0), (p, p), (p, p)), mode="symmetric")  # = BORDER_REFLECT
 
     def stage1_features(self, chans: np.ndarray, win: tuple[int, int, int, int]) -> np.ndarray:
-        """Stage-1 features (n1, wh, ww) on window ``win`` (y0, y1, x0, x1) of ``chans``."""
-        h, w = chans.shape[1:]
+        """Stage-1 features (n1, y1 - y0, x1 - x0) of window ``win`` = (y0, y1, x0, x1).
+
+        ``chans`` come from :meth:`channels`; the window may reach ``h2`` px outside the image.
+        """
         y0, y1, x0, x1 = win
-        iy0, iy1, ix0, ix1 = _window(y0, x0, y1 - y0, x1 - x0, self.h1, h, w)
+        p, h1 = self.pad, self.h1
+        src = chans[:, p + y0 - h1:p + y1 + h1 + _TAIL, p + x0 - h1:p + x1 + h1 + _TAIL]
         f1 = np.empty((self.n1, y1 - y0, x1 - x0), np.float32)
-        _features_into(chans[:, iy0:iy1, ix0:ix1], self.cfg, f1,
-                       (y0 - iy0, y1 - iy0, x0 - ix0, x1 - ix0))
+        _features_into(src, self.cfg, f1, (h1, h1 + y1 - y0, h1, h1 + x1 - x0))
         return f1
 
     def stage1_proba(self, f1: np.ndarray, ens: _Ensemble | None = None) -> np.ndarray:
         """Stage-1 probabilities (wh, ww) of features ``f1`` (by ``ens``, default stage 1)."""
-        p1 = (ens or self.stage1).predict(f1.reshape(self.n1, -1), early_exit=self.exit1,
-                                          every=self.cfg.exit_every)
-        return p1.reshape(f1.shape[1:])
+        model = ens or self.stage1
+        assert model is not None
+        return model.predict(f1.reshape(self.n1, -1)).reshape(f1.shape[1:])
 
-    def stage2_features(self, f1: np.ndarray, p1: np.ndarray, win: tuple[int, int, int, int],
-                        centre: tuple[int, int, int, int]) -> np.ndarray:
-        """Stage-2 features (n1 + n2, th, tw) of ``centre`` from stage-1 results on ``win``."""
+    def context_window(self, y: int, x: int, th: int, tw: int) -> tuple[int, int, int, int]:
+        """The stage-1 window whose probabilities stage 2 needs for tile (y, x, th, tw)."""
+        g = self.h2
+        return y - g, y + th + g, x - g, x + tw + g
+
+    def stage2_features(self, f1: np.ndarray, p1: np.ndarray) -> np.ndarray:
+        """Stage-2 features (n1 + n2, th, tw) of the tile whose context window gave ``f1``
+        (stage-1 features) and ``p1`` (stage-1 probabilities)."""
         assert self.ctx is not None
-        y0, _, x0, _ = win
-        cy0, cy1, cx0, cx1 = centre
-        crop = (cy0 - y0, cy1 - y0, cx0 - x0, cx1 - x0)
-        f2 = np.empty((self.n1 + self.n2, cy1 - cy0, cx1 - cx0), np.float32)
-        f2[:self.n1] = f1[:, crop[0]:crop[1], crop[2]:crop[3]]
-        _features_into(p1[None], self.ctx, f2[self.n1:], crop)
+        g = self.h2
+        rh, rw = p1.shape
+        th, tw = rh - 2 * g, rw - 2 * g
+        f2 = np.empty((self.n1 + self.n2, th, tw), np.float32)
+        f2[:self.n1] = f1[:, g:g + th, g:g + tw]
+        q = np.zeros((rh + _TAIL, rw + _TAIL), np.float32)  # the tail margin: never read
+        q[:rh, :rw] = p1
+        _features_into(q[None], self.ctx, f2[self.n1:], (g, g + th, g, g + tw))
         return f2
 
     def tile_proba(self, chans: np.ndarray, y: int, x: int, th: int, tw: int) -> np.ndarray:
-        h, w = chans.shape[1:]
-        win = _window(y, x, th, tw, self.h2, h, w)
-        f1 = self.stage1_features(chans, win)
-        p1 = self.stage1_proba(f1)
+        """Root probabilities (th, tw) of tile (y, x, th, tw)."""
         if self.stage2 is None:
-            return p1
-        f2 = self.stage2_features(f1, p1, win, (y, y + th, x, x + tw))
+            return self.stage1_proba(self.stage1_features(chans, (y, y + th, x, x + tw)))
+        f1 = self.stage1_features(chans, self.context_window(y, x, th, tw))
+        f2 = self.stage2_features(f1, self.stage1_proba(f1))
         del f1
-        p2 = self.stage2.predict(f2.reshape(len(f2), -1), early_exit=self.exit_final,
-                                 every=self.cfg.exit_every)
-        return p2.reshape(th, tw)
+        return self.stage2.predict(f2.reshape(len(f2), -1)).reshape(th, tw)
 
 
 def _map_tiles(fn: Callable[[Any], Any], tiles: Sequence[Any], threads: int) -> list[Any]:
@@ -734,8 +727,9 @@ class ForestSegmenter:
                 "tile": cfg.tile, "sigmas": list(cfg.sigmas), "channels": list(cfg.channels),
                 "features": list(cfg.features), "autocontext": cfg.autocontext,
                 "context_sigmas": list(cfg.context_sigmas) if cfg.autocontext else [],
-                "boosting": cfg.boosting, "n_trees": self._stage1.n_trees,
-                "early_exit": self.cfg.early_exit}
+                "boosting": cfg.boosting, "max_depth": cfg.max_depth,
+                "n_stages": 1 if self._stage2 is None else 2,
+                "n_trees": self._stage1.n_trees + (self._stage2.n_trees if self._stage2 else 0)}
 
     # -- inference -----------------------------------------------------------------------------
     def predict_proba(self, image: np.ndarray, *, tile: int | None = None) -> np.ndarray:
@@ -745,8 +739,8 @@ class ForestSegmenter:
         """
         img = _check_image(image)
         h, w = img.shape[:2]
-        chans = _channels(img, self.cfg)
-        stages = _Stages(self.cfg, self._stage1, self._stage2, self.threshold)
+        stages = _Stages(self.cfg, self._stage1, self._stage2)
+        chans = stages.channels(img)
         out = np.empty((h, w), np.float32)
 
         def one(t: tuple[int, int, int, int]) -> None:
@@ -997,10 +991,12 @@ def fit_forest(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
         labels: per image, a bool full mask, or int scribbles (1 root, 0 background, -1 or
             255 unlabelled); see :func:`_parse_labels` for the exact rule.
         cfg: features, trees, sampling (saved in the model).
-        max_seconds: wall-clock budget. Feature extraction stops taking new images at 30 % of
-            it (40 % without autocontext), trees stop being added at each stage's share, and
-            the autocontext stage is dropped (the saved config says so) when stage 1 ends
-            after 55 %. None = no limit.
+        max_seconds: wall-clock budget, checked between images and between trees (an image
+            in progress finishes). Features stop taking new images at 30 % of it (40 %
+            without autocontext; always at least one root and one background pixel); stage-1
+            trees stop at 50 % (95 %); the autocontext stage is dropped (and the saved config
+            says so) if stage 1 ends after 55 %; its context features stop taking images at
+            65 % and its trees at 97 %. None = no limit.
         progress: tqdm bars on stderr.
         num_threads: threads for features and LightGBM (None = this machine's cores, max 8).
         names: image names for messages and the training record (default ``image <i>``).
@@ -1036,7 +1032,7 @@ def fit_forest(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
 
     # 2. stage-1 features at the sampled pixels, tile by tile
     n1 = len(feature_names(cfg))
-    h1 = feature_halo(cfg)
+    stages1 = _Stages(cfg)
     feat_deadline = 0.3 if cfg.autocontext else 0.4
     used: list[int] = []
     seen_root = seen_bg = False
@@ -1051,17 +1047,13 @@ def fit_forest(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
                             len(imgs))
                 break
             h, w = img.shape[:2]
-            chans = _channels(img, cfg)
+            chans = stages1.channels(img)
             x1 = np.empty((len(s.index), n1), np.float32)
 
             def one(job: tuple[tuple[int, int, int, int], np.ndarray], chans: np.ndarray = chans,
-                    index: np.ndarray = s.index, x1: np.ndarray = x1, w: int = w,
-                    h: int = h) -> None:
+                    index: np.ndarray = s.index, x1: np.ndarray = x1, w: int = w) -> None:
                 (y, x, th, tw), sel = job
-                win = _window(y, x, th, tw, h1, h, w)
-                f = np.empty((n1, th, tw), np.float32)
-                _features_into(chans[:, win[0]:win[1], win[2]:win[3]], cfg, f,
-                               (y - win[0], y - win[0] + th, x - win[2], x - win[2] + tw))
+                f = stages1.stage1_features(chans, (y, y + th, x, x + tw))
                 yy, xx = np.divmod(index[sel], w)
                 x1[sel] = f[:, yy - y, xx - x].T
 
@@ -1115,24 +1107,36 @@ def fit_forest(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
         # 5. context features from out-of-fold stage-1 maps: a pixel of fold k is mapped by
         # the stage-1 model of fold 1 - k (trained without it), as stage 2 will see at
         # inference a map from trees that never saw the image.
-        stages = _Stages(final_cfg, stage1_ens, None, 1.0)
-        stages.exit1 = cfg.early_exit
+        stages = _Stages(final_cfg, stage1_ens)
         n2 = stages.n2
+        done: list[_Samples] = []
+
+        def folds_ready() -> bool:  # each fold has both classes among the images done
+            if fold_mode != "images":
+                return bool(done)
+            ys = [np.concatenate([d.y[d.balanced] for d in done if d.fold[0] == f] or
+                                 [np.empty(0, bool)]) for f in (0, 1)]
+            return all(y.any() and (~y).any() for y in ys)
+
         with _cv2_threads(1):
             for i, s in tqdm(list(zip(used, train_set, strict=True)), desc="forest context",
                              unit="img", disable=not progress):
+                if clock.past(0.65) and folds_ready():
+                    log.warning("forest: time budget: context features of %d of %d images",
+                                len(done), len(train_set))
+                    break
                 img = imgs[i]
                 h, w = img.shape[:2]
-                chans = _channels(img, final_cfg)
+                chans = stages.channels(img)
                 x2 = np.empty((len(s.index), n2), np.float32)
                 image_fold = int(s.fold[0])
 
                 def ctx_one(job: tuple[tuple[int, int, int, int], np.ndarray],
                             chans: np.ndarray = chans, index: np.ndarray = s.index,
-                            x2: np.ndarray = x2, w: int = w, h: int = h,
+                            x2: np.ndarray = x2, w: int = w,
                             image_fold: int = image_fold) -> None:
                     (y, x, th, tw), sel = job
-                    win = _window(y, x, th, tw, stages.h2, h, w)
+                    win = stages.context_window(y, x, th, tw)
                     f1 = stages.stage1_features(chans, win)
                     if fold_mode == "images":
                         p1 = stages.stage1_proba(f1, fold_ens[1 - image_fold])
@@ -1142,39 +1146,42 @@ def fit_forest(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
                         p1[:, ~right] = stages.stage1_proba(f1[:, :, ~right], fold_ens[1])
                     else:
                         p1 = stages.stage1_proba(f1)
-                    f2 = stages.stage2_features(f1, p1, win, (y, y + th, x, x + tw))
+                    f2 = stages.stage2_features(f1, p1)
                     yy, xx = np.divmod(index[sel], w)
                     x2[sel] = f2[n1:, yy - y, xx - x].T
 
                 _map_tiles(ctx_one, _by_tile(s, w, _tiles(h, w, final_cfg.tile)), threads)
                 s.x2 = x2
+                done.append(s)
+        final_set = done
         # 6. stage 2: fold models for the threshold, then the full model
         oof_ens = {}
         if fold_mode != "none":
             for f in (0, 1):
-                x, y = _stack(train_set, "balanced", f, 2)
+                x, y = _stack(final_set, "balanced", f, 2)
                 oof_ens[f] = _Ensemble(_fit_trees(x, y, final_cfg, threads,
                                                   clock.at(0.7 + 0.1 * f)),
                                        n_features=n1 + n2)
-        x, y = _stack(train_set, "balanced", None, 2)
+        x, y = _stack(final_set, "balanced", None, 2)
         stage2 = _fit_trees(x, y, final_cfg, threads, clock.at(0.97))
         del x, y
         final_ens = _Ensemble(stage2, n_features=n1 + n2)
     else:
         final_ens = stage1_ens
+        final_set = train_set
 
     # 7. threshold: pooled Dice of out-of-fold predictions on natural-frequency samples
     stage = 2 if final_cfg.autocontext else 1
     ps, ys = [], []
     if fold_mode != "none":
         for f, ens in oof_ens.items():  # model f predicts the pixels of fold 1 - f
-            x, y = _stack(train_set, "natural", 1 - f, stage)
+            x, y = _stack(final_set, "natural", 1 - f, stage)
             if len(y):
-                ps.append(ens.predict(x.T, early_exit=cfg.early_exit, every=cfg.exit_every))
+                ps.append(ens.predict(x.T))
                 ys.append(y)
     else:
-        x, y = _stack(train_set, "natural", None, stage)
-        ps.append(final_ens.predict(x.T, early_exit=cfg.early_exit, every=cfg.exit_every))
+        x, y = _stack(final_set, "natural", None, stage)
+        ps.append(final_ens.predict(x.T))
         ys.append(y)
     p_all, y_all = np.concatenate(ps), np.concatenate(ys)
     threshold, oof_dice = _best_threshold(p_all, y_all)
@@ -1190,6 +1197,7 @@ def fit_forest(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
                             f"{len(y_all)} natural-frequency labelled pixels",
         "threshold_pixels": int(len(y_all)), "threshold_root_pixels": int(y_all.sum()),
         "oof_dice": None if math.isnan(oof_dice) else round(oof_dice, 6),
+        "n_images_context": len(final_set) if stage2 else 0,
         "n_trees": [stage1_ens.n_trees] + ([final_ens.n_trees] if stage2 else []),
         "seconds": round(clock.elapsed(), 2), "max_seconds": max_seconds,
         "lightgbm": lgb.__version__,

@@ -103,6 +103,15 @@ def test_kernel_equals_lightgbm(trained: F.ForestSegmenter) -> None:
     slow = F._Ensemble(ens.model_str, n_features=x.shape[1])
     slow.fast = False
     np.testing.assert_array_equal(slow.predict(x.T), got)
+    # zero-as-missing splits (never made by fit_forest) take LightGBM's own predictor
+    import lightgbm as lgb
+
+    y = x[:, 0] > np.median(x[:, 0])
+    zam = lgb.train({"objective": "binary", "zero_as_missing": True, "verbose": -1,
+                     "num_threads": 1}, lgb.Dataset(x, y), num_boost_round=3)
+    odd = F._Ensemble(zam.model_to_string(), n_features=x.shape[1])
+    assert not odd.fast
+    np.testing.assert_allclose(odd.predict(x.T), zam.predict(x), rtol=0, atol=1e-6)
     rf = F.fit_forest([synth(1)[0]], [synth(1)[1]], dataclasses.replace(
         CFG, boosting="rf", autocontext=False, n_estimators=8), progress=False, num_threads=1)
     np.testing.assert_allclose(rf._stage1.predict(np.ascontiguousarray(x.T)),
@@ -118,8 +127,21 @@ def test_tiled_equals_untiled_on_odd_size(trained: F.ForestSegmenter) -> None:
     whole = trained.predict_proba(img, tile=4096)
     assert tiled.shape == (157, 211) and tiled.dtype == np.float32
     assert tiled.min() >= 0 and tiled.max() <= 1
-    np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(tiled, whole)
     np.testing.assert_array_equal(trained.predict_proba(img, tile=37), tiled)
+
+
+def test_features_do_not_depend_on_the_window() -> None:
+    """Guards bit-exact tiling: OpenCV rounds the last pixels of a row differently (scalar
+    tail of its vector loop), and a 1e-7 feature difference at a split flips a leaf; features
+    of a pixel must be the same bits whatever window computed them (tail margin)."""
+    img, _ = synth(13, 131, 389)
+    st = F._Stages(dataclasses.replace(CFG, sigmas=(0.3,), autocontext=False))  # halo 3 px
+    chans = st.channels(img)
+    whole = st.stage1_features(chans, (0, 131, 0, 389))
+    for y, x, th, tw in F._tiles(131, 389, 45):  # 389 = 8 * 48 + 5: a ragged last tile
+        np.testing.assert_array_equal(st.stage1_features(chans, (y, y + th, x, x + tw)),
+                                      whole[:, y:y + th, x:x + tw])
 
 
 def test_fit_on_full_masks_segments_a_new_image(trained: F.ForestSegmenter) -> None:
