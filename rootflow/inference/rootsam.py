@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from rootflow.inference.prompts import lattice_points, sample_edt_points
+from rootflow.inference.stages import _errors, _objects
 from rootflow.inference.tiling import BlendKind, Stitcher, TileGrid, extract_tiles, make_grid
 from rootflow.io import storage
 from rootflow.io.images import encode_png, to_rgb8
@@ -471,10 +472,8 @@ class RootSAMStage:
     def _run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["image_id"])
         # An all-null ``error`` column reaches numpy batches as float NaN (Arrow null type),
-        # not None: only a non-empty string is an error.
-        errors: list[str | None] = ([e if isinstance(e, str) and e else None
-                                     for e in batch["error"]] if "error" in batch
-                                    else [None] * n)
+        # not None: only a non-empty string is an error (stages._errors).
+        errors = _errors(batch)
         masks: list[bytes | None] = [None] * n
         conf = np.full(n, np.nan, np.float64)
         versions: list[str | None] = [None] * n
@@ -512,9 +511,3 @@ class RootSAMStage:
         out["rootsam_model_version"] = _objects(versions)
         out["rootsam_params"] = _objects(params)
         return out
-
-
-def _objects(values: Sequence[Any]) -> np.ndarray:
-    arr = np.empty(len(values), dtype=object)
-    arr[:] = list(values)
-    return arr

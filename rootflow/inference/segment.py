@@ -23,11 +23,12 @@ import contextlib
 import dataclasses
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from rootflow.inference.stages import _errors, _objects
 from rootflow.io import storage
 from rootflow.io.images import encode_png
 from rootflow.models.segmenters import SEGMENTER_KINDS, Segmenter, SegmenterLoadError
@@ -170,9 +171,7 @@ class SegmenterStage:
 
     def _run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["image_id"])
-        errors: list[str | None] = ([e if isinstance(e, str) and e else None
-                                     for e in batch["error"]] if "error" in batch
-                                    else [None] * n)
+        errors = _errors(batch)
         masks: list[bytes | None] = [None] * n
         conf = np.full(n, np.nan, np.float64)
         versions: list[str | None] = [None] * n
@@ -197,10 +196,3 @@ class SegmenterStage:
         out[f"{self.name}_model_version"] = _objects(versions)
         out[f"{self.name}_params"] = _objects(params)
         return out
-
-
-def _objects(values: Sequence[Any]) -> np.ndarray:
-    arr = np.empty(len(values), dtype=object)
-    arr[:] = list(values)
-    return arr
-
