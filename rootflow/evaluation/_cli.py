@@ -34,12 +34,6 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-def fail(msg: str, code: int = 2) -> typer.Exit:
-    """Print ``error: msg`` as one line on stderr; return the Exit to raise."""
-    typer.echo(f"error: {msg}", err=True)
-    return typer.Exit(code)
-
-
 def masks(
     pred: Path = typer.Option(..., "--pred", help="Folder of predicted <stem>_mask.png files."),
     truth: Path = typer.Option(..., "--truth", help="Folder of human <stem>_mask.png files (an "
@@ -55,11 +49,12 @@ def masks(
     import logging
 
     from rootflow.evaluation.masks import EvaluationError, evaluate_masks
+    from rootflow.io._cli import cli_error
 
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(message)s")
     try:
         out = evaluate_masks(pred, truth, dpi=dpi, csv_path=csv, cldice=cldice,
                              progress=progress)
     except EvaluationError as e:
-        raise fail(str(e)) from None
+        raise cli_error(e) from None
     typer.echo(json.dumps(json_safe(out)))

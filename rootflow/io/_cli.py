@@ -14,6 +14,15 @@ _STORAGE_HELP = ("Object-storage setting key=value (endpoint_url, region, key, s
                  "allow_http, path_style); repeatable; defaults come from AWS_* variables.")
 
 
+def cli_error(what: str | BaseException, code: int = 2) -> typer.Exit:
+    """Print ``error: <first line>`` on stderr and return the Exit to raise (no traceback)."""
+    text = str(what).strip()
+    if not text and isinstance(what, BaseException):
+        text = type(what).__name__
+    typer.echo(f"error: {text.splitlines()[0] if text else 'failed'}", err=True)
+    return typer.Exit(code)
+
+
 def storage_from_cli(items: list[str] | None) -> dict[str, Any]:
     """``--storage-option key=value`` pairs on top of the environment (``AWS_*``)."""
     from rootflow.io.storage import StorageOptions

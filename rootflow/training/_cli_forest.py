@@ -35,13 +35,9 @@ def register(app: typer.Typer) -> None:
         import sys
 
         from rootflow import config as cfglib
+        from rootflow.io._cli import cli_error as fail
         from rootflow.models.forest import ForestConfig, ForestError, train_forest
         from rootflow.training.data import AnnotationError
-
-        def fail(e: BaseException) -> typer.Exit:
-            text = str(e).strip()
-            typer.echo(f"error: {text.splitlines()[0] if text else type(e).__name__}", err=True)
-            return typer.Exit(2)
 
         try:
             cfg = cfglib.load(ForestConfig, config, set_)

@@ -45,6 +45,7 @@ def register(app: typer.Typer) -> None:
         started = time.time()
 
         from rootflow import config as cfglib
+        from rootflow.io._cli import cli_error
         from rootflow.training.data import AnnotationError
         from rootflow.training.unet_task import UNetTrainConfig
 
@@ -54,8 +55,7 @@ def register(app: typer.Typer) -> None:
         try:
             cfg = cfglib.load(UNetTrainConfig, config, [*sets, *set_])
         except (ValueError, TypeError) as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
+            raise cli_error(e) from None
         import dataclasses
 
         cfg = dataclasses.replace(cfg, data=data)
@@ -74,8 +74,7 @@ def register(app: typer.Typer) -> None:
         try:  # before Ray starts: bad input costs a second, not a worker group
             check_data(cfg, storage_options=so)
         except (AnnotationError, OSError) as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
+            raise cli_error(e) from None
         init_ray(address)
         try:
             summary = train_unet(data, out, cfg=cfg, max_minutes=max_minutes or None,
@@ -84,6 +83,5 @@ def register(app: typer.Typer) -> None:
                                  storage_options=so, check=False,
                                  started=started)
         except AnnotationError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
+            raise cli_error(e) from None
         typer.echo(json.dumps(summary))
