@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 FOLDS = {"segroot_soybean": 3, "prmi_peanut": 5, "prmi_switchgrass": 3}
-DPI = {"segroot_soybean": None, "prmi_peanut": None, "prmi_switchgrass": None}
 
 
 def _fold_tables(data_dir: Path, k: int, seed: int):
@@ -152,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "note": "incomplete: run again to continue"}), flush=True)
                 continue
             # score only this set's out-of-fold masks against its human masks
-            summary = evaluate_masks(out / "oof", Path(args.data) / name, dpi=DPI[name])
+            summary = evaluate_masks(out / "oof", Path(args.data) / name)  # px: R² needs no dpi
             fold_infos = [json.loads((out / f"fold{f}" / "fold.json").read_text())
                           for f in range(k)]
             summary.update(set=name, model=model, folds=k, split_by=by,
