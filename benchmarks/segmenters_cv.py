@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         k = FOLDS[name]
         table, folds, keys, by = _fold_tables(Path(args.data) / name, k, args.seed)
         for model in args.models.split(","):
-            out = Path(args.work) / name / model
+            out = Path(args.work).resolve() / name / model
             out.mkdir(parents=True, exist_ok=True)
             want = range(k) if args.folds is None else [int(f) for f in args.folds.split(",")]
             infos = []
