@@ -105,3 +105,59 @@ def season(df: Any, *, value: str = "produced_mm_per_day", ax: Any = None,
     ax.figure.colorbar(im, ax=ax, label=label)
     ax.set_title(label.split(" (")[0].capitalize() + " by depth and date")
     return ax
+
+
+def runs_processed(df: Any, *, ax: Any = None) -> Any:
+    """Images processed and rejected per run, as stacked bars in run order.
+
+    Args:
+        df: columns ``run_id``, ``started_at``, ``n_ok``, ``n_rejected`` (the ``runs`` table).
+    """
+    df = df.sort_values("started_at")
+    ax = _axes(ax, (max(5.0, 0.6 * len(df) + 2), 4))
+    x = np.arange(len(df))
+    ok = df["n_ok"].fillna(0).to_numpy(float)
+    rej = df["n_rejected"].fillna(0).to_numpy(float)
+    ax.bar(x, ok, color="#4c72b0", label="processed")
+    ax.bar(x, rej, bottom=ok, color="#dd8452", label="rejected")
+    labels = [f"{t:%Y-%m-%d %H:%M}\n{str(r)[:24]}" if hasattr(t, "strftime") else str(r)[:24]
+              for t, r in zip(df["started_at"], df["run_id"], strict=True)]
+    ax.set_xticks(x, labels, fontsize=7, rotation=30 if len(df) > 4 else 0,
+                  ha="right" if len(df) > 4 else "center")
+    ax.set_xlabel("run (start time UTC, run id)")
+    ax.set_ylabel("images (count)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title("Images processed and rejected per run")
+    return ax
+
+
+def producers_scatter(x: Any, y: Any, *, x_label: str, y_label: str, title: str = "",
+                      ax: Any = None) -> Any:
+    """One producer against another on the same images: 1:1 line, R² about the 1:1 line and
+    bias (mean of y - x, in the units of the axes) in the title."""
+    ax = _axes(ax, (4.5, 4.5))
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    ax.scatter(x[ok], y[ok], s=14, alpha=0.7, color="#4c72b0")
+    lo = float(min(x[ok].min(initial=0), y[ok].min(initial=0)))
+    hi = float(max(x[ok].max(initial=0), y[ok].max(initial=0))) or 1.0
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="1:1")
+    stats = r2_bias(x[ok], y[ok])
+    r2 = "n/a" if stats[0] is None else f"{stats[0]:.2f}"
+    bias = "n/a" if stats[1] is None else f"{stats[1]:+.1f}"
+    ax.set_title(f"{title}\nR² (1:1) = {r2}, bias = {bias}, n = {int(ok.sum())}", fontsize=9)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.legend(fontsize=8, loc="lower right")
+    return ax
+
+
+def r2_bias(x: Any, y: Any) -> tuple[float | None, float | None]:
+    """(R² of y against the 1:1 line with x, mean of y - x); None where undefined."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) == 0:
+        return None, None
+    bias = float(np.mean(y - x))
+    if len(x) < 2 or np.var(x) == 0:
+        return None, bias
+    return float(1 - np.sum((y - x) ** 2) / np.sum((x - x.mean()) ** 2)), bias

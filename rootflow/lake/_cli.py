@@ -13,7 +13,7 @@ _STORAGE_HELP = "Object-storage setting key=value; repeatable (see `rootflow man
 
 @lake_app.command("show")
 def show(
-    uri: str = typer.Argument(..., help="Lake root (holds traits/, runs/, rejects/)."),
+    uri: str = typer.Argument(..., help="Lake root (holds traits/, runs/, rejects/...)."),
     runs: int = typer.Option(5, "--runs", help="How many latest runs to list."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
     storage_option: list[str] = typer.Option(None, "--storage-option", "-s", help=_STORAGE_HELP),
@@ -32,6 +32,8 @@ def compact(
     uri: str = typer.Argument(..., help="Lake root."),
     target_size: int | None = typer.Option(None, "--target-size",
                                            help="Target file size in bytes (default 100 MB)."),
+    zorder: bool = typer.Option(False, "--zorder", help="Z-order traits rows by capture time "
+                                "and image id inside each partition (rewrites every file)."),
     storage_option: list[str] = typer.Option(None, "--storage-option", "-s", help=_STORAGE_HELP),
 ) -> None:
     """Rewrite small files into large ones, partition by partition (idempotent)."""
@@ -39,7 +41,7 @@ def compact(
     from rootflow.lake.maintenance import compact as _compact
 
     metrics = _compact(uri, storage_options=storage_from_cli(storage_option),
-                       target_size=target_size)
+                       target_size=target_size, zorder=zorder)
     for name, m in metrics.items():
         typer.echo(f"{name}: {m.get('numFilesRemoved', 0)} files -> {m.get('numFilesAdded', 0)} "
                    f"({m.get('partitionsOptimized', 0)} partitions)")
@@ -75,6 +77,26 @@ def vacuum(
         typer.echo("dry run: nothing deleted; pass --execute to delete")
 
 
+def report(
+    uri: str = typer.Argument(..., help="Lake root (local path or s3://...)."),
+    out: str = typer.Option(..., "--out", "-o", help="Local folder for index.html + PNGs."),
+    storage_option: list[str] = typer.Option(None, "--storage-option", "-s", help=_STORAGE_HELP),
+) -> None:
+    """Write OUT/index.html: runs, RLD by depth, producers compared, season dynamics."""
+    from rootflow.io._cli import cli_error, storage_from_cli
+    from rootflow.lake.report import build_report
+    from rootflow.lake.tables import Lake
+
+    lake = Lake(uri, storage_options=storage_from_cli(storage_option))
+    if not lake.exists("traits") and not lake.exists("runs"):
+        raise cli_error(f"no lake at {uri} (no traits or runs table)")
+    res = build_report(lake, out)
+    for name, why in res["skipped"].items():
+        typer.echo(f"  skipped {name}: {why}")
+    typer.echo(f"wrote {res['index']} ({len(res['figures'])} figures)")
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``rootflow lake ...`` to the top-level app."""
+    """Add ``rootflow lake ...`` and ``rootflow report`` to the top-level app."""
     app.add_typer(lake_app, name="lake")
+    app.command("report")(report)

@@ -1,4 +1,5 @@
-"""Arrow schemas of the three Delta tables: ``traits``, ``runs``, ``rejects``. One place, versioned.
+"""Arrow schemas of the lake's Delta tables (``traits``, ``runs``, ``rejects``, ``versions`` and
+the :data:`EXTRA_TABLES`). One place, versioned.
 
 Rule for changes (why: readers in notebooks and dashboards outlive any one run of the code):
 schemas only grow. A new column is nullable and appended; nothing is renamed, retyped or
@@ -23,6 +24,7 @@ TRAITS_PARTITION_BY: tuple[str, ...] = ("year", "tube", "depth")
 TRAITS_KEY: tuple[str, ...] = ("image_id", "model_name", "model_version")
 REJECTS_KEY: tuple[str, ...] = ("run_id", "image_id", "model_name")
 RUNS_KEY: tuple[str, ...] = ("run_id",)
+VERSIONS_KEY: tuple[str, ...] = ("model_name", "model_version")
 
 MODEL_NAMES: tuple[str, ...] = ("mask", "forest", "unet", "rootsam", "rootquant")
 """Producers of traits rows: traits of given masks, of forest / U-Net / RootSAM masks, and
@@ -57,6 +59,17 @@ RUNS_SCHEMA = pa.schema([
     pa.field("schema_version", pa.int32()),
 ])
 """One row per run. ``config_json`` holds the resolved config with credentials redacted."""
+
+VERSIONS_SCHEMA = pa.schema([
+    pa.field("model_name", pa.string(), nullable=False),
+    pa.field("model_version", pa.string(), nullable=False),
+    pa.field("first_committed_at", pa.timestamp("us"), nullable=False),
+    pa.field("first_run_id", pa.string()),
+]).with_metadata({"rootflow.schema_version": str(SCHEMA_VERSION)})
+"""One row per producer and model version: when the version first wrote traits into the lake.
+
+Written insert-only (a re-run never changes it), so it orders versions for "latest": model
+versions are content hashes and have no order of their own."""
 
 _REJECT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("run_id", pa.string(), nullable=False),
@@ -193,8 +206,46 @@ be aligned: numbers null, ``reason`` says why) or ``error`` (bad input: a missin
 different sizes...). Lengths in mm measured by the traits code on the overlap of both frames.
 """
 
+# -- correction studio (rootflow.studio) ------------------------------------------------------
+ANNOTATIONS_KEY: tuple[str, ...] = ("annotation_id",)
+
+ANNOTATIONS_SCHEMA = pa.schema([
+    pa.field("annotation_id", pa.string(), nullable=False),
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("image_uri", pa.string(), nullable=False),
+    pa.field("mask_uri", pa.string(), nullable=False),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("proposed_by", pa.string()),
+    pa.field("proposed_version", pa.string()),
+    pa.field("proposal_mask_uri", pa.string()),
+    pa.field("engine", pa.string()),
+    pa.field("engine_version", pa.string()),
+    pa.field("clicks_json", pa.string()),
+    pa.field("strokes_json", pa.string()),
+    pa.field("n_clicks", pa.int32()),
+    pa.field("n_strokes", pa.int32()),
+    pa.field("iou_proposed_accepted", pa.float64()),
+    pa.field("root_fraction", pa.float64()),
+    pa.field("person", pa.string(), nullable=False),
+    pa.field("started_at", pa.timestamp("us"), nullable=False),
+    pa.field("ended_at", pa.timestamp("us"), nullable=False),
+    pa.field("active_seconds", pa.float64()),
+    pa.field("processed_at", pa.timestamp("us"), nullable=False),
+]).with_metadata({"rootflow.schema_version": str(SCHEMA_VERSION)})
+"""One row per mask accepted in the correction studio: the proposal (producer, version, mask),
+the clicks (``[{"x", "y", "label"}]``, image px) and strokes (``[{"mode", "radius", "points"}]``)
+as JSON, the accepted mask's URI, who and when (``active_seconds``: time spent interacting)."""
+
 EXTRA_TABLES: dict[str, tuple[pa.Schema, tuple[str, ...], tuple[str, ...]]] = {
     "dynamics": (DYNAMICS_SCHEMA, DYNAMICS_KEY, DYNAMICS_PARTITION_BY),
     "alignments": (ALIGNMENTS_SCHEMA, ALIGNMENTS_KEY, DYNAMICS_PARTITION_BY),
+    "annotations": (ANNOTATIONS_SCHEMA, ANNOTATIONS_KEY, ()),
 }
 """Tables written through :meth:`rootflow.lake.Lake.commit_rows`: (schema, key, partitions)."""
+
+CORE_TABLES: tuple[str, ...] = ("traits", "runs", "rejects", "versions")
+"""Tables every lake has from its first write (created empty where nothing is written yet)."""
+
+ALL_TABLES: tuple[str, ...] = (*CORE_TABLES, *EXTRA_TABLES)
+"""Every table of a lake, in the order ``rootflow lake show`` lists them."""

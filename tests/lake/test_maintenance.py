@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -59,14 +60,15 @@ def test_show(tmp_path) -> None:
     info = mt.show(lake.uri)
     t = info["tables"]["traits"]
     assert t["rows"] == 12 and t["partitions"] == 2 and t["version"] == 5
-    assert t["versions"] == [{"model_name": "mask", "model_version": "v1", "rows": 8},
-                             {"model_name": "mask", "model_version": "v2", "rows": 4}]
+    assert [(v["model_name"], v["model_version"], v["rows"], v["first_run_id"])
+            for v in t["versions"]] == [("mask", "v1", 8, "run-1"), ("mask", "v2", 4, "run-1")]
+    assert t["versions"][0]["first_committed_at"] < t["versions"][1]["first_committed_at"]
     assert t["latest"] == {"mask": "v2"}
-    assert info["tables"]["rejects"] is None
+    assert info["tables"]["rejects"]["rows"] == 0  # created empty by the first write
     assert info["latest_runs"][0]["run_id"] == "r1" and info["latest_runs"][0]["status"] == "ok"
     text = mt.format_show(info)
-    assert "traits: 12 rows" in text and "mask v2: 4 rows (latest)" in text
-    assert "rejects: (not created yet)" in text
+    assert "traits: 12 rows" in text and "rejects: 0 rows" in text
+    assert re.search(r"mask v2: 4 rows, first committed \d{4}-\d\d-\d\d [\d:]+ \(latest\)", text)
 
 
 def test_cli(tmp_path) -> None:
@@ -98,3 +100,59 @@ def test_maintenance_on_s3(s3) -> None:
     assert {r.table: len(r.files) for r in rep}["traits"] == 4
     assert lake.read("traits").num_rows == 8
     assert mt.show(lake.uri, storage_options=s3.storage)["tables"]["traits"]["files"] == 2
+
+
+def _files_per_partition(lake: Lake) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for f in lake.delta_table("traits").file_uris():
+        part = f.split("/traits/", 1)[1].rsplit("/", 1)[0]
+        out[part] = out.get(part, 0) + 1
+    return out
+
+
+def test_compact_touched_compacts_only_what_the_run_wrote(tmp_path) -> None:
+    """Guards the post-run compaction rewriting the whole lake (or nothing): after a writer
+    committed small batches to tube 1, its partitions hold one file each, tube 2's partitions
+    (written by another writer) keep their files, and no row changes."""
+    uri = str(tmp_path / "lake")
+    other = Lake(uri, trait_schema=TRAIT_SCHEMA)
+    rows2 = traits_rows(manifest(tubes=(2,), sessions=(1, 2)))
+    for i in range(0, len(rows2), 2):
+        other.commit_traits(rows2[i:i + 2])
+    run = Lake(uri, trait_schema=TRAIT_SCHEMA)
+    rows1 = traits_rows(manifest(tubes=(1,), sessions=(1, 2)))
+    for i in range(0, len(rows1), 2):
+        run.commit_traits(rows1[i:i + 2])
+    before = run.read("traits").sort_by("image_id")
+    assert run.touched == {(2021, 1, 0), (2021, 1, 4)}
+    metrics = mt.compact_touched(run)
+    assert metrics["traits"]["numFilesRemoved"] == 4 and metrics["traits"]["numFilesAdded"] == 2
+    per = _files_per_partition(run)
+    assert {p: n for p, n in per.items() if "tube=1/" in p} == \
+        {"year=2021/tube=1/depth=0": 1, "year=2021/tube=1/depth=4": 1}
+    assert sum(n for p, n in per.items() if "tube=2/" in p) == 4
+    assert run.read("traits").sort_by("image_id").equals(before)
+    assert run.touched == set()
+
+
+def test_maintain_job(tmp_path) -> None:
+    """Guards the scheduled job: a vacuum under 168 h is refused with one line and exit 2 (no
+    traceback) after compacting; with --force --apply it Z-orders, deletes the replaced files
+    and leaves every row readable."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    job = Path(__file__).resolve().parents[2] / "jobs" / "maintain.py"
+    lake = _fragmented(str(tmp_path / "lake"))
+    before = lake.read("traits").sort_by("image_id")
+    res = subprocess.run([sys.executable, str(job), lake.uri, "--retain-hours", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert "vacuum refused" in res.stderr and "Traceback" not in res.stderr
+    assert "compact traits" in res.stdout and len(lake.delta_table("traits").file_uris()) == 2
+    res = subprocess.run([sys.executable, str(job), lake.uri, "--retain-hours", "0", "--force",
+                          "--apply", "--zorder"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "vacuum traits: deleted" in res.stdout
+    assert lake.read("traits").sort_by("image_id").equals(before)

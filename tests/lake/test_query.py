@@ -127,7 +127,7 @@ def test_latest_versions_and_engines(lake_uri) -> None:
     rel = q.traits(lake_uri, engine="duckdb", columns=["image_id", "length_mm"])
     assert len(rel.fetchall()) == 2 * n
     lake = Lake(lake_uri, trait_schema=TRAIT_SCHEMA)
-    assert len(lake.traits(engine="pandas", latest=False)) == 3 * n
+    assert len(q.traits(lake, engine="pandas", latest=False)) == 3 * n
 
 
 def test_filters_prune_and_filter_rows(lake_uri) -> None:

@@ -51,3 +51,23 @@ def test_notebooks_hold_no_logic() -> None:
         src = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
         assert "def " not in src and "class " not in src, path.name
         assert "os.environ" in src  # the lake comes from ROOTFLOW_LAKE, not a hard-coded path
+
+
+def test_report_on_demo_lake(demo_lake: str, tmp_path) -> None:
+    """Guards ``rootflow report`` failing on a lake the processing job wrote (rather than on a
+    hand-made test lake): the page and its runs, RLD and producers figures exist and are not
+    blank (the demo lake has no dynamics table rows, so the season figure is skipped)."""
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from rootflow.cli import app
+
+    res = CliRunner().invoke(app, ["report", demo_lake, "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    page = (tmp_path / "r" / "index.html").read_text()
+    for name in ("runs", "rld_by_depth", "producers"):
+        path = tmp_path / "r" / f"{name}.png"
+        img = np.asarray(Image.open(path).convert("L"), dtype=float)
+        assert f'src="{name}.png"' in page and img.std() > 10, name
+    assert "skipped season" in res.output
