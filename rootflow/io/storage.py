@@ -161,12 +161,31 @@ def is_remote(uri: str) -> bool:
     return protocol(uri) not in ("file", "local")
 
 
-def filesystem(uri: str, storage: StorageLike = None) -> fsspec.AbstractFileSystem:
-    """The fsspec filesystem for ``uri`` (s3fs for ``s3://``, local otherwise)."""
+#: Attempts inside s3fs and botocore for one :func:`read_bytes` (each layer; 2 x 2 requests at
+#: most). Their defaults (5 x 5) make one object that keeps answering 503 take ~35 s to give
+#: up; the pipeline retries reads itself with jittered backoff
+#: (``stages.read_with_retries``), so the inner layers only smooth over a blip.
+READ_INNER_ATTEMPTS = 2
+
+
+def filesystem(uri: str, storage: StorageLike = None, *,
+               inner_attempts: int | None = None) -> fsspec.AbstractFileSystem:
+    """The fsspec filesystem for ``uri`` (s3fs for ``s3://``, local otherwise).
+
+    ``inner_attempts`` caps s3fs's and botocore's own retries (default: theirs).
+    """
     proto = protocol(uri)
     if proto in ("s3", "s3a"):
         opts = StorageOptions.from_mapping(storage)
-        return fsspec.filesystem("s3", **opts.s3fs())
+        kw = opts.s3fs()
+        if inner_attempts is None:
+            return fsspec.filesystem("s3", **kw)
+        config = dict(kw.get("config_kwargs", {}))
+        config["retries"] = {"max_attempts": inner_attempts, "mode": "standard"}
+        kw["config_kwargs"] = config
+        fs = fsspec.filesystem("s3", **kw)  # cached per kwargs: this instance is ours alone
+        fs.retries = inner_attempts  # s3fs's own retry loop (a class attribute, default 5)
+        return fs
     return fsspec.filesystem(proto)
 
 
@@ -191,7 +210,8 @@ def normalize(uri: str) -> str:
 
 
 def read_bytes(uri: str, storage: StorageLike = None) -> bytes:
-    fs = filesystem(uri, storage)
+    """The object's bytes (a few quick inner retries: see :data:`READ_INNER_ATTEMPTS`)."""
+    fs = filesystem(uri, storage, inner_attempts=READ_INNER_ATTEMPTS)
     with fs.open(strip_protocol(uri), "rb") as f:
         return f.read()
 
@@ -213,3 +233,48 @@ def to_uri(uri: str, path: str) -> str:
     """Turn a path returned by ``fs.find``/``fs.ls`` back into a URI of ``uri``'s scheme."""
     proto = protocol(uri)
     return path if proto == "file" else f"{proto}://{path}"
+
+
+# -- which URIs a run may read ---------------------------------------------------------------------
+def default_allowed_prefixes(uri: str) -> list[str]:
+    """Where a manifest at ``uri`` may point by default: its own scheme and bucket for object
+    storage (``s3://bucket/``), its own folder for a local file (the folder itself when ``uri``
+    is a folder)."""
+    proto = protocol(uri)
+    if proto == "file":
+        path = strip_protocol(uri)
+        folder = path if os.path.isdir(path) else os.path.dirname(path)
+        return [folder.rstrip("/") + "/"]
+    bucket = uri.split("://", 1)[1].split("/", 1)[0]
+    return [f"{proto}://{bucket}/"]
+
+
+def _canonical(uri: str) -> tuple[str, str]:
+    """``(scheme, path)`` with local paths resolved (``..``, symlinks) and ``s3a`` read as s3."""
+    proto = protocol(uri)
+    if proto == "file":
+        return "file", os.path.realpath(strip_protocol(uri))
+    return ("s3" if proto == "s3a" else proto), uri.split("://", 1)[1]
+
+
+def uri_allowed(uri: str, prefixes: list[str] | tuple[str, ...]) -> bool:
+    """True when ``uri`` lies under one of ``prefixes`` (same scheme; path inside the prefix).
+
+    Local paths are compared after resolving ``..`` and symlinks, so ``/data/../etc/passwd``
+    is not under ``/data/``; remote keys containing a ``..`` segment are never allowed.
+    """
+    scheme, path = _canonical(uri)
+    if scheme != "file" and "/../" in f"/{path}/":
+        return False
+    for prefix in prefixes:
+        p_scheme, p_path = _canonical(prefix)
+        if p_scheme != scheme:
+            continue
+        if scheme == "file":
+            p_path = p_path.rstrip("/")
+            if path == p_path or path.startswith(p_path + "/") or p_path == "":
+                return True
+        elif path.startswith(p_path) and (p_path.endswith("/") or path == p_path
+                                          or path[len(p_path):].startswith("/")):
+            return True
+    return False
