@@ -1,26 +1,40 @@
-"""Point prompts for SAM2: a fixed lattice, and the EDT-weighted sampler shared with training.
+"""Point prompts for SAM2: the one prompt policy of training, validation and inference.
 
-Coordinate convention (the same as SAM's own point grids and ``SAM2ImagePredictor``): points
-are continuous ``(x, y)`` in pixels of the array they were drawn from, pixel ``(row, col)``
-covers ``[col, col + 1) x [row, row + 1)``, so a pixel's centre is ``(col + 0.5, row + 0.5)``.
+Coordinate convention. Points are continuous ``(x, y)`` in pixels of the array they were drawn
+from: pixel ``(row, col)`` covers ``[col, col + 1) x [row, row + 1)``, so its centre is
+``(col + 0.5, row + 0.5)`` (the click tables of :mod:`rootflow.inference.correct` use it too).
+This is *not* SAM's own convention: SAM2's prompt encoder takes integer pixel indices and adds
+0.5 itself (``PromptEncoder._embed_points``). :meth:`rootflow.models.rootsam.RootSAM.decode`
+subtracts that 0.5 before the prompt encoder, so the coordinate SAM embeds is exactly the
+pixel centre given here (``tests/inference/test_prompts.py::test_embedded_coordinate_on_1px_root``
+checks the embedded coordinate after SAM's +0.5 and the resize to its input size).
 Labels follow SAM: ``1`` positive (root), ``0`` negative (background), ``-1`` padding ("not a
 point", ignored by SAM2's prompt encoder).
+
+:class:`PromptPolicy` is the one object deciding prompts. Training (``PatchDataset`` and the
+task's validation), inference (:class:`rootflow.inference.rootsam.RootSAMPredictor`) and the
+evaluation command all call its :meth:`PromptPolicy.draw`; they differ only in the *label map*
+they hand it: the ground-truth mask in training, the policy's rule at inference (a prior mask
+from the forest/U-Net segmenter when present, else the model's own prompt-free first pass).
 
 Why EDT weighting: roots are thin (a few pixels wide). A positive drawn uniformly from the mask
 lands on an edge pixel about half the time, where the human mask and the image disagree most;
 weighting by the Euclidean distance to the background puts most positives on the root's centre
-line, the least ambiguous place to click (RootSAM's prompt recipe). Training and inference draw
-from the same function so the decoder is never asked about prompts it was not trained on.
+line, the least ambiguous place to click (RootSAM's prompt recipe).
+
+:func:`next_click` is the simulated clicker (training's interactive rounds, the NoC metric).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 import numpy as np
 
 Fill = Literal["swap", "pad"]
 NegativeWeighting = Literal["uniform", "edt"]
+PolicyMode = Literal["auto", "lattice", "edt"]
 
 
 def edt(mask: np.ndarray) -> np.ndarray:
@@ -196,3 +210,170 @@ def _foreground(arr: np.ndarray, threshold: float) -> np.ndarray:
     if arr.dtype == np.uint8 and arr.size and int(arr.max()) > 1:
         return arr.astype(np.float32) / 255.0 > threshold
     return np.nan_to_num(arr.astype(np.float32)) > threshold
+
+
+# --------------------------------------------------------------------------- the policy
+@dataclasses.dataclass(frozen=True)
+class PromptPolicy:
+    """The prompt policy shared by training, validation and inference (one object, one draw).
+
+    Every prediction is two decoder passes on a tile/patch: a prompt-free pass (one padding
+    point), whose logits become the mask prompt of the second pass, prompted with the points
+    of :meth:`draw`. The points come from a *label map*: the ground-truth mask in training, and
+    at inference the policy's rule, i.e. a prior mask (forest/U-Net) when one is given, else
+    the prompt-free pass's probability map. Training then adds simulated corrective clicks
+    (:func:`next_click`), each round with the previous low-res logits as mask prompt.
+
+    Modes (the seed's settings):
+
+    * ``auto`` (default): fixed lattice points *and* EDT-weighted points, one prompt set;
+    * ``lattice``: fixed-point prompts only (the seed's evaluation setting without a human);
+      each lattice point is labelled by the label map at its pixel;
+    * ``edt``: EDT-weighted points only (training from an annotation; a human placing points).
+
+    Attributes:
+        mode: see above.
+        lattice_per_side: lattice is ``n x n`` points over the valid part of the tile.
+        n_pos / n_neg: EDT-weighted positives / negatives.
+        threshold: label-map value above which a pixel counts as root.
+        negative_weighting: ``uniform`` or ``edt`` (see :func:`sample_edt_points`).
+    """
+
+    mode: PolicyMode = "auto"
+    lattice_per_side: int = 4
+    n_pos: int = 4
+    n_neg: int = 4
+    threshold: float = 0.5
+    negative_weighting: NegativeWeighting = "uniform"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "lattice", "edt"):
+            raise ValueError(f"prompt policy mode must be auto|lattice|edt, got {self.mode!r}")
+        if self.lattice_per_side < 1 and self.mode != "edt":
+            raise ValueError(f"lattice_per_side must be >= 1, got {self.lattice_per_side}")
+        if self.mode != "lattice" and self.n_pos + self.n_neg < 1:
+            raise ValueError("n_pos + n_neg must be >= 1 for EDT points")
+
+    @property
+    def n_points(self) -> int:
+        """Points per prompt set (fixed, so batches stack)."""
+        n = 0
+        if self.mode in ("auto", "lattice"):
+            n += self.lattice_per_side ** 2
+        if self.mode in ("auto", "edt"):
+            n += self.n_pos + self.n_neg
+        return n
+
+    def draw(self, label_map: Any, *, rng: np.random.Generator | int | None,
+             valid_hw: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The prompts of this policy on ``label_map``: THE code path of training and inference.
+
+        Args:
+            label_map: ``(H, W)`` bool mask or probabilities (ground truth in training; prior
+                mask or first-pass probabilities at inference).
+            rng: generator or seed for the EDT draw.
+            valid_hw: only the top-left ``(h, w)`` is image (a padded tile); points stay there.
+
+        Returns:
+            ``points`` float32 ``(n_points, 2)`` xy pixel centres and ``labels`` int32: lattice
+            points first (labelled by the map at their pixel), then EDT positives, negatives.
+        """
+        gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        arr = _as_numpy(label_map)
+        if arr.ndim != 2:
+            raise ValueError(f"label_map must be (H, W), got shape {arr.shape}")
+        h, w = valid_hw if valid_hw is not None else arr.shape
+        fg = _foreground(arr[:h, :w], self.threshold)
+        pts: list[np.ndarray] = []
+        labs: list[np.ndarray] = []
+        if self.mode in ("auto", "lattice"):
+            lat = lattice_points(h, w, n_per_side=self.lattice_per_side)
+            rows = np.clip(lat[:, 1].astype(np.int64), 0, h - 1)
+            cols = np.clip(lat[:, 0].astype(np.int64), 0, w - 1)
+            pts.append(lat)
+            labs.append(fg[rows, cols].astype(np.int32))
+        if self.mode in ("auto", "edt"):
+            p, lab = sample_edt_points(fg, n_pos=self.n_pos, n_neg=self.n_neg, rng=gen,
+                                       negative_weighting=self.negative_weighting)
+            pts.append(p)
+            labs.append(lab)
+        return (np.concatenate(pts).astype(np.float32).reshape(-1, 2),
+                np.concatenate(labs).astype(np.int32))
+
+    def training_prompts(self, mask: Any, *, rng: np.random.Generator | int | None,
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """Prompts of a training/validation patch: :meth:`draw` labelled by the ground truth."""
+        return self.draw(mask, rng=rng)
+
+    def inference_prompts(self, rule_map: Any, *, rng: np.random.Generator | int | None,
+                          valid_hw: tuple[int, int] | None = None,
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """Prompts of a tile at inference: :meth:`draw` labelled by the policy's rule (a prior
+        mask, or the prompt-free pass's probabilities) instead of the ground truth."""
+        return self.draw(rule_map, rng=rng, valid_hw=valid_hw)
+
+
+def prompt_statistics(points: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Number of points, share of positives and spatial spread (RMS distance to the centroid,
+    px) of a prompt set, padding excluded: what training and inference draws are compared on."""
+    keep = np.asarray(labels) >= 0
+    p = np.asarray(points, np.float64).reshape(-1, 2)[keep]
+    lab = np.asarray(labels)[keep]
+    if len(p) == 0:
+        return {"n_points": 0.0, "positive_share": float("nan"), "spread": float("nan")}
+    spread = float(np.sqrt(((p - p.mean(0)) ** 2).sum(1).mean()))
+    return {"n_points": float(len(p)), "positive_share": float((lab == 1).mean()),
+            "spread": spread}
+
+
+# --------------------------------------------------------------------------- simulated clicks
+def next_click(pred: Any, truth: Any) -> tuple[float, float, int] | None:
+    """The simulated clicker: the next click on a prediction, as SAM's interactive training.
+
+    The click goes to the centre (largest Euclidean distance to the region's border, the image
+    border counting as border) of the largest connected error region: positive (``1``) when
+    that region is missed root, negative (``0``) when it is false root.
+
+    Args:
+        pred: bool ``(H, W)`` current prediction.
+        truth: bool ``(H, W)`` ground truth.
+
+    Returns:
+        ``(x, y, label)`` with ``x, y`` the pixel centre, or None when there is no error.
+    """
+    import cv2
+
+    p = _as_numpy(pred).astype(bool)
+    t = _as_numpy(truth).astype(bool)
+    if p.shape != t.shape or p.ndim != 2:
+        raise ValueError(f"pred {p.shape} and truth {t.shape} must be the same (H, W)")
+    best: tuple[int, np.ndarray, int] | None = None
+    for err, label in ((t & ~p, 1), (p & ~t, 0)):
+        if not err.any():
+            continue
+        n, comp, stats, _ = cv2.connectedComponentsWithStats(err.astype(np.uint8), connectivity=8)
+        k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+        area = int(stats[k, cv2.CC_STAT_AREA])
+        if best is None or area > best[0]:
+            best = (area, comp == k, label)
+    if best is None:
+        return None
+    _, region, label = best
+    d = edt(region)
+    r, c = np.unravel_index(int(np.argmax(d)), d.shape)
+    return float(c) + 0.5, float(r) + 0.5, label
+
+
+def next_clicks_batch(pred: Any, truth: Any) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`next_click` over ``(B, H, W)``: ``(B, 2)`` xy and ``(B,)`` labels (``-1`` and
+    ``(0, 0)`` where a prediction has no error: SAM's "not a point")."""
+    p = _as_numpy(pred).astype(bool)
+    t = _as_numpy(truth).astype(bool)
+    pts = np.zeros((len(p), 2), np.float32)
+    labs = np.full(len(p), -1, np.int32)
+    for i in range(len(p)):
+        c = next_click(p[i], t[i])
+        if c is not None:
+            pts[i] = c[:2]
+            labs[i] = c[2]
+    return pts, labs

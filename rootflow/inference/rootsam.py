@@ -6,19 +6,19 @@ Flow per batch of images (read top to bottom in :meth:`RootSAMPredictor.predict`
    of the model's input size (:mod:`rootflow.inference.tiling`);
 2. tiles of *all* images in the batch go through the image encoder ``tile_batch_size`` at a
    time (one big scan does not leave the accelerator idle between small ones);
-3. each tile is prompted without a human (:mod:`rootflow.inference.prompts`):
-
-   * ``lattice``: a fixed ``n x n`` lattice of single-point prompts; the per-point masks whose
-     predicted IoU is ``>= iou_threshold`` are max-merged (logits) into one root mask;
-   * ``auto``: the lattice pass gives a first probability map, from which EDT-weighted
-     positive and negative points are drawn (the same sampler training uses) and decoded as
-     one prompt set: the prompts the fine-tuned decoder was trained on;
+3. each tile is prompted without a human by the one :class:`~rootflow.inference.prompts.PromptPolicy`
+   that training uses (:func:`deployed_decode`): a prompt-free decoder pass gives a first
+   probability map (or a prior mask from the forest/U-Net segmenter is given); the policy
+   draws its points from that map (``lattice``: fixed points labelled by the map; ``auto``:
+   lattice plus EDT-weighted points; ``edt``: EDT points only) and the decoder is run again
+   with those points and the first pass's logits as mask prompt. Training draws the same
+   prompts from the ground truth and runs the same two passes, so the decoder is asked about
+   prompts of the kind it was trained on;
 
 4. per-tile logits are upsampled to tile size and stitched with smooth blending, thresholded
    at full image resolution.
 
-Confidence (for QC) is the mean predicted IoU of the masks that made the output (kept lattice
-masks, or the auto pass's one mask per tile); 0.0 when no lattice mask was kept.
+Confidence (for QC) is the mean predicted IoU of the prompted pass over the tiles.
 
 The prompt policy, tiling and model identity go into ``params`` (JSON in ``rootsam_params``)
 with every output, so a mask in the lake can always be traced to how it was made.
@@ -39,7 +39,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from rootflow.inference.prompts import lattice_points, sample_edt_points
+from rootflow.inference.prompts import PromptPolicy
 from rootflow.inference.stages import _errors, _objects
 from rootflow.inference.tiling import BlendKind, Stitcher, TileGrid, extract_tiles, make_grid
 from rootflow.io import storage
@@ -49,9 +49,8 @@ from rootflow.models.rootsam import ImageEmbeddings, RootSAM, build_rootsam
 log = logging.getLogger(__name__)
 
 STAGE = "rootsam"
-PromptMode = Literal["lattice", "auto"]
+PromptMode = Literal["lattice", "auto", "edt"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-_EMPTY_LOGIT = -20.0  # "no root here" for a tile where no lattice mask was kept
 _LOGIT_CLAMP = 32.0  # as SAM2ImagePredictor clamps low-res logits
 _PSEUDO_LOGIT = 10.0  # |logit| given to a binary previous mask used as a mask prompt
 
@@ -77,11 +76,15 @@ class RootSAMInferenceConfig:
         tile_overlap: px between tiles; None = ``image_size // 8``.
         tile_batch_size: tiles per encoder call; 0 = automatic (2 on CPU, from free memory on
             CUDA).
-        prompt_mode: ``lattice`` or ``auto`` (see the module docstring).
+        prompt_mode: the policy's mode, ``auto``, ``lattice`` or ``edt`` (see
+            :class:`~rootflow.inference.prompts.PromptPolicy`).
         lattice_points_per_side: lattice is ``n x n`` points per tile.
-        iou_threshold: lattice masks with predicted IoU below this are dropped.
-        point_batch_size: lattice prompts decoded per decoder call (memory bound).
-        auto_n_pos / auto_n_neg / auto_threshold: EDT sampling from the first-pass map.
+        iou_threshold: kept for config compatibility; unused since the policy decodes one
+            prompt set per tile (no per-point masks to filter).
+        point_batch_size: kept for config compatibility; unused (see ``iou_threshold``).
+        auto_n_pos / auto_n_neg / auto_threshold: EDT points and the label-map threshold of
+            the policy. Train and infer with the same values (the RootSAM checkpoint records
+            the training policy in ``train_config.task.prompts``).
         mask_threshold: logit threshold of the final mask.
         blend: stitch weights (``cosine`` or ``linear``).
         seed: seeds the auto-mode point sampling (results do not depend on batch order).
@@ -99,11 +102,11 @@ class RootSAMInferenceConfig:
     tile_overlap: int | None = None
     tile_batch_size: int = 0
     prompt_mode: PromptMode = "auto"
-    lattice_points_per_side: int = 8
+    lattice_points_per_side: int = 4
     iou_threshold: float = 0.5
     point_batch_size: int = 32
-    auto_n_pos: int = 8
-    auto_n_neg: int = 8
+    auto_n_pos: int = 4
+    auto_n_neg: int = 4
     auto_threshold: float = 0.5
     mask_threshold: float = 0.0
     blend: BlendKind = "cosine"
@@ -121,7 +124,7 @@ class RootSAMResult:
         version: model version that produced it.
         params: prompt policy, tiling and model identity (JSON-safe).
         n_tiles: tiles the image was cut into.
-        n_masks: masks that made the output (kept lattice masks or one per tile in auto).
+        n_masks: masks that made the output (one per tile).
         logits: float32 ``(H, W)`` stitched logits when asked for (a better mask prompt for
             :meth:`RootSAMPredictor.refine` than the binary mask).
     """
@@ -133,6 +136,7 @@ class RootSAMResult:
     n_tiles: int
     n_masks: int
     logits: np.ndarray | None = None
+    tile_prompts: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
 
 
 @dataclasses.dataclass
@@ -140,6 +144,92 @@ class _Prepared:
     rgb: np.ndarray
     grid: TileGrid
     tiles: np.ndarray
+
+
+def policy_of(config: RootSAMInferenceConfig) -> PromptPolicy:
+    """The :class:`PromptPolicy` an inference config asks for."""
+    return PromptPolicy(mode=config.prompt_mode, lattice_per_side=config.lattice_points_per_side,
+                        n_pos=config.auto_n_pos, n_neg=config.auto_n_neg,
+                        threshold=config.auto_threshold)
+
+
+@dataclasses.dataclass
+class DeployedOutput:
+    """What :func:`deployed_decode` returns for ``B`` images.
+
+    Attributes:
+        logits: ``(B, 1, S/4, S/4)`` logits of the prompted pass (the output).
+        iou: ``(B, 1)`` its predicted IoU.
+        first_logits: ``(B, 1, S/4, S/4)`` logits of the prompt-free pass (its mask prompt).
+        points: ``(B, N, 2)`` float32 prompts in ``size`` px; labels ``(B, N)`` int32.
+    """
+
+    logits: torch.Tensor
+    iou: torch.Tensor
+    first_logits: torch.Tensor
+    points: np.ndarray
+    labels: np.ndarray
+
+
+def prompt_free_decode(model: RootSAM, emb: ImageEmbeddings,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first pass of the policy: the decoder with no point (one padding point, label -1)
+    and no mask prompt. Returns ``logits (B, 1, S/4, S/4)`` and ``iou (B, 1)``."""
+    b = len(emb)
+    logits, iou, _ = model.decode(emb, points=torch.zeros(b, 1, 2),
+                                  labels=torch.full((b, 1), -1, dtype=torch.int32))
+    return logits, iou
+
+
+def deployed_decode(model: RootSAM, emb: ImageEmbeddings, policy: PromptPolicy, *,
+                    size: int, rngs: Sequence[np.random.Generator],
+                    valid_hw: Sequence[tuple[int, int]] | None = None,
+                    priors: Sequence[np.ndarray] | None = None) -> DeployedOutput:
+    """The deployed prompt policy on ``B`` embedded tiles/patches (inference, validation and
+    ``rootflow evaluate rootsam`` all run this function).
+
+    1. prompt-free pass (:func:`prompt_free_decode`);
+    2. the rule map: ``priors`` (a forest/U-Net mask or probabilities at ``size`` px) when
+       given, else the sigmoid of the first pass upscaled to ``size``;
+    3. ``policy.inference_prompts`` on the rule map (points in ``size`` px, scaled to the
+       model input), decoded with the first pass's logits as mask prompt.
+
+    Args:
+        size: side in px of the patch/tile the embeddings were made from (equal to the model's
+            input side at inference; a training patch may be resized to it).
+        rngs: one generator per item (EDT draw).
+        valid_hw: image part of each tile (padding excluded), default the whole ``size``.
+        priors: optional ``(size, size)`` label maps, one per item.
+    """
+    b = len(emb)
+    first, _ = prompt_free_decode(model, emb)
+    if priors is None:
+        rule = torch.sigmoid(model.upscale(first.float(), size))[:, 0].cpu().numpy()
+    else:
+        rule = np.stack([np.asarray(pr, np.float32) for pr in priors])
+    pts, labs = [], []
+    for i in range(b):
+        hw = valid_hw[i] if valid_hw is not None else None
+        p, lab = policy.inference_prompts(rule[i], rng=rngs[i], valid_hw=hw)
+        pts.append(p)
+        labs.append(lab)
+    points = np.stack(pts)
+    labels = np.stack(labs)
+    scale = model.image_size / size
+    logits, iou, _ = model.decode(emb, points=torch.from_numpy(points) * scale,
+                                  labels=torch.from_numpy(labels), mask_input=first)
+    return DeployedOutput(logits, iou, first, points, labels)
+
+
+def _prior_float(prior: np.ndarray, grid: TileGrid) -> np.ndarray:
+    arr = np.asarray(prior)
+    if arr.shape != (grid.height, grid.width):
+        raise ValueError(f"prior is {arr.shape}, image is {(grid.height, grid.width)}")
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float32)
+    if arr.dtype == np.uint8 and arr.size and int(arr.max()) > 1:
+        return arr.astype(np.float32) / 255.0
+    return np.nan_to_num(arr.astype(np.float32))
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -192,6 +282,9 @@ class RootSAMPredictor:
         self.overlap = cfg.tile_overlap
         self.tile_batch_size = cfg.tile_batch_size or self._auto_tile_batch()
         self._cache: OrderedDict[tuple[str, int], ImageEmbeddings] = OrderedDict()
+        self._prompt_cache: OrderedDict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = (
+            OrderedDict())
+        self.policy = policy_of(cfg)
         if self.model.random_init:
             log.warning("RootSAMPredictor: random-init model (%s): outputs are NOT root masks",
                         self.model.version)
@@ -208,7 +301,6 @@ class RootSAMPredictor:
         p: dict[str, Any] = {
             "prompt_mode": c.prompt_mode,
             "lattice_points_per_side": c.lattice_points_per_side,
-            "iou_threshold": c.iou_threshold,
             "mask_threshold": c.mask_threshold,
             "tile_px": self.tile,
             "tile_overlap_px": self._grid_overlap(),
@@ -219,20 +311,38 @@ class RootSAMPredictor:
             "random_init": self.model.random_init,
             "precision": str(self.dtype).removeprefix("torch."),
         }
-        if c.prompt_mode == "auto":
+        if c.prompt_mode in ("auto", "edt"):
             p.update(auto_n_pos=c.auto_n_pos, auto_n_neg=c.auto_n_neg,
                      auto_threshold=c.auto_threshold, seed=c.seed)
         return p
 
     # ----------------------------------------------------------------- main path
     @torch.inference_mode()
-    def predict(self, images: Sequence[np.ndarray], *,
-                return_logits: bool = False) -> list[RootSAMResult]:
-        """Segment roots in each image (any size; grey/RGB/RGBA, 8/16-bit)."""
+    def predict(self, images: Sequence[np.ndarray], *, return_logits: bool = False,
+                priors: Sequence[np.ndarray | None] | None = None) -> list[RootSAMResult]:
+        """Segment roots in each image (any size; grey/RGB/RGBA, 8/16-bit).
+
+        Args:
+            images: the images.
+            return_logits: also return the stitched logits and each tile's prompts (what
+                :meth:`refine` and the correction studio want).
+            priors: optional prior masks/probabilities ``(H, W)`` per image (forest or U-Net
+                output); the policy then labels its points from the prior instead of the
+                prompt-free pass.
+        """
         prepared = [self._prepare(img) for img in images]
+        if priors is not None and len(priors) != len(prepared):
+            raise ValueError(f"{len(priors)} priors for {len(prepared)} images")
+        prior_tiles = [None if priors is None or priors[i] is None else
+                       extract_tiles(_prior_float(priors[i], p.grid), p.grid, pad_value=0.0)
+                       for i, p in enumerate(prepared)]
         stitchers = [Stitcher(p.grid, kind=self.config.blend) for p in prepared]
         ious: list[list[float]] = [[] for _ in prepared]
+        prompts: list[dict[int, tuple[np.ndarray, np.ndarray]]] = [{} for _ in prepared]
         jobs = [(i, k) for i, p in enumerate(prepared) for k in range(len(p.grid))]
+        # the studio path (return_logits) keeps the tile embeddings for refine's clicks
+        keys = ([self.image_key(p.rgb) for p in prepared]
+                if return_logits and self.config.embedding_cache_tiles > 0 else None)
         for b0 in range(0, len(jobs), self.tile_batch_size):
             chunk = jobs[b0:b0 + self.tile_batch_size]
             emb = self._encode(np.stack([prepared[i].tiles[k] for i, k in chunk]))
@@ -240,18 +350,24 @@ class RootSAMPredictor:
                 g = prepared[i].grid
                 valid = (min(g.tile, g.height - g.origins()[k][0]),
                          min(g.tile, g.width - g.origins()[k][1]))
-                logits, tile_ious = self._segment_tile(emb.index(j), valid_hw=valid,
-                                                       seed=(g.height, g.width, k))
+                if keys is not None:
+                    self._remember(keys[i], k, emb.index(j))
+                pt = prior_tiles[i]
+                logits, tile_ious, pts, labs = self._segment_tile(
+                    emb.index(j), valid_hw=valid, seed=(g.height, g.width, k),
+                    prior=None if pt is None else pt[k])
                 stitchers[i].add(k, self._upscale(logits))
                 ious[i].extend(tile_ious)
+                prompts[i][k] = (pts, labs)
         out = []
-        for p, st, iou in zip(prepared, stitchers, ious, strict=True):
+        for p, st, iou, pr in zip(prepared, stitchers, ious, prompts, strict=True):
             full = st.result()
             out.append(RootSAMResult(
                 mask=full > self.config.mask_threshold,
                 confidence=float(np.mean(iou)) if iou else 0.0,
                 version=self.version, params=self.params, n_tiles=len(p.grid),
-                n_masks=len(iou), logits=full if return_logits else None))
+                n_masks=len(iou), logits=full if return_logits else None,
+                tile_prompts=pr if return_logits else None))
         return out
 
     def _prepare(self, image: np.ndarray) -> _Prepared:
@@ -285,33 +401,21 @@ class RootSAMPredictor:
         return self.model.upscale(logits[None, None])[0, 0].cpu().numpy()
 
     def _segment_tile(self, emb: ImageEmbeddings, *, valid_hw: tuple[int, int],
-                      seed: tuple[int, ...]) -> tuple[torch.Tensor, list[float]]:
-        """Prompt one tile; returns low-res logits ``(S/4, S/4)`` and the kept masks' IoUs."""
-        cfg = self.config
-        h, w = valid_hw  # the lattice spans the image part of the tile, never the padding
-        pts = lattice_points(h, w, n_per_side=cfg.lattice_points_per_side)
-        merged: torch.Tensor | None = None
-        kept: list[float] = []
-        for p0 in range(0, len(pts), cfg.point_batch_size):
-            p = pts[p0:p0 + cfg.point_batch_size, None, :]
-            logits, iou = self._decode(emb, p, np.ones(p.shape[:2], np.int32), repeat_image=True)
-            keep = iou[:, 0] >= cfg.iou_threshold
-            if keep.any():
-                best = logits[keep, 0].amax(dim=0)
-                merged = best if merged is None else torch.maximum(merged, best)
-                kept.extend(iou[keep, 0].tolist())
-        s4 = self.model.low_res_size
-        if merged is None:
-            merged = torch.full((s4, s4), _EMPTY_LOGIT, device=self.device)
-        if cfg.prompt_mode == "lattice":
-            return merged, kept
-        prob = torch.sigmoid(self.model.upscale(merged[None, None])[0, 0]).cpu().numpy()
-        rng = np.random.default_rng([cfg.seed, *seed])
-        points, labels = sample_edt_points(prob[:h, :w], n_pos=cfg.auto_n_pos,
-                                           n_neg=cfg.auto_n_neg, rng=rng,
-                                           threshold=cfg.auto_threshold)
-        logits, iou = self._decode(emb, points[None], labels[None], repeat_image=False)
-        return logits[0, 0], [float(iou[0, 0])]
+                      seed: tuple[int, ...], prior: np.ndarray | None = None,
+                      ) -> tuple[torch.Tensor, list[float], np.ndarray, np.ndarray]:
+        """Prompt one tile by the policy (:func:`deployed_decode`).
+
+        Returns:
+            low-res logits ``(S/4, S/4)``, ``[predicted IoU]``, and the tile's prompts (points
+            in tile px, labels).
+        """
+        rng = np.random.default_rng([self.config.seed, *seed])
+        with self._autocast():
+            out = deployed_decode(self.model, emb, self.policy, size=self.tile, rngs=[rng],
+                                  valid_hw=[valid_hw],
+                                  priors=None if prior is None else [prior])
+        logits = out.logits.float().clamp_(-_LOGIT_CLAMP, _LOGIT_CLAMP)
+        return logits[0, 0], [float(out.iou[0, 0])], out.points[0], out.labels[0]
 
     def _auto_tile_batch(self) -> int:
         if self.device.type != "cuda":
@@ -333,11 +437,15 @@ class RootSAMPredictor:
             self._cache.move_to_end(ck)
             return self._cache[ck]
         emb = self._encode(prep.tiles[k:k + 1])
+        self._remember(key, k, emb)
+        return emb
+
+    def _remember(self, key: str, k: int, emb: ImageEmbeddings) -> None:
         if self.config.embedding_cache_tiles > 0:
-            self._cache[ck] = emb
+            self._cache[(key, k)] = emb
+            self._cache.move_to_end((key, k))
             while len(self._cache) > self.config.embedding_cache_tiles:
                 self._cache.popitem(last=False)
-        return emb
 
     @torch.inference_mode()
     def refine(
@@ -348,12 +456,17 @@ class RootSAMPredictor:
         labels: np.ndarray,
         previous: np.ndarray,
         key: str | None = None,
+        prompts: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None,
+        keep_prompts: bool = True,
     ) -> tuple[RootSAMResult, list[int]]:
         """Refine a previous mask with clicks; only tiles containing a click are re-run.
 
-        Each re-run tile is decoded with all clicks that fall in it (tile coordinates) and the
-        previous logits of that tile as SAM's mask prompt; other tiles keep the previous
-        logits and the stitch blends the two smoothly. Tile embeddings are cached (LRU of
+        Public API (the correction studio and :func:`rootflow.inference.correct.correct_image`
+        call it). Each re-run tile is decoded with its *original prompts* (the policy's points
+        of :meth:`predict` for that tile) plus all clicks that fall in it (tile coordinates),
+        and the previous logits of that tile as SAM's mask prompt: the same inputs as the
+        click rounds of training. Other tiles keep the previous logits and the stitch blends
+        the two smoothly. Tile embeddings (and recomputed original prompts) are cached (LRU of
         ``embedding_cache_tiles``), so a second round of clicks on the same image skips the
         encoder.
 
@@ -363,9 +476,14 @@ class RootSAMPredictor:
             labels: ``(N,)`` 1 = root here, 0 = not root.
             previous: bool mask (``(H, W)``) or float logits (``RootSAMResult.logits``).
             key: embedding-cache key (default: a hash of the image content).
+            prompts: the original prompts per tile (``RootSAMResult.tile_prompts`` of
+                ``predict(..., return_logits=True)``); None recomputes them with the policy
+                (deterministic: identical to ``predict``'s unless ``predict`` had a prior).
+            keep_prompts: False decodes the clicks alone (the pre-policy behaviour).
 
         Returns:
-            The refined result and the indices of the re-run tiles.
+            The refined result (with ``logits`` and ``tile_prompts`` = original prompts plus
+            clicks of the re-run tiles) and the indices of the re-run tiles.
         """
         prep = self._prepare(image)
         g = prep.grid
@@ -389,6 +507,7 @@ class RootSAMPredictor:
         key = key or self.image_key(prep.rgb)
         st = Stitcher(g, kind=self.config.blend)
         ious: list[float] = []
+        used: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         s4 = self.model.low_res_size
         for k, (y0, x0) in enumerate(g.origins()):
             if k not in rerun:
@@ -396,22 +515,46 @@ class RootSAMPredictor:
                 continue
             sel = [i for i, (x, y) in enumerate(pts) if k in g.tiles_containing(float(x),
                                                                                 float(y))]
-            tp = (pts[sel] - np.array([x0, y0], np.float32))[None]
+            tp = pts[sel] - np.array([x0, y0], np.float32)
+            tl = labs[sel]
+            emb = self._tile_embedding(key, prep, k)
+            if keep_prompts:
+                op, ol = self._original_prompts(key, g, k, emb, prompts)
+                tp, tl = np.concatenate([op, tp]), np.concatenate([ol, tl])
             mask_in = torch.from_numpy(prev_tiles[k])[None, None].to(self.device)
             mask_in = torch.nn.functional.interpolate(mask_in, size=(s4, s4), mode="bilinear",
                                                       antialias=True, align_corners=False)
-            emb = self._tile_embedding(key, prep, k)
-            logits, iou = self._decode(emb, tp, labs[sel][None], repeat_image=False,
+            logits, iou = self._decode(emb, tp[None], tl[None], repeat_image=False,
                                        mask_input=mask_in)
             st.add(k, self._upscale(logits[0, 0]))
             ious.append(float(iou[0, 0]))
+            used[k] = (tp.astype(np.float32), tl.astype(np.int32))
         full = st.result()
-        params = {**self.params, "refined_tiles": rerun, "n_clicks": len(pts)}
+        params = {**self.params, "refined_tiles": rerun, "n_clicks": len(pts),
+                  "kept_prompts": keep_prompts}
         res = RootSAMResult(mask=full > self.config.mask_threshold,
                             confidence=float(np.mean(ious)) if ious else math.nan,
                             version=self.version, params=params, n_tiles=len(g),
-                            n_masks=len(ious), logits=full)
+                            n_masks=len(ious), logits=full, tile_prompts=used)
         return res, rerun
+
+    def _original_prompts(self, key: str, g: TileGrid, k: int, emb: ImageEmbeddings,
+                          given: Mapping[int, tuple[np.ndarray, np.ndarray]] | None,
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        if given is not None and k in given:
+            p, lab = given[k]
+            return np.asarray(p, np.float32).reshape(-1, 2), np.asarray(lab, np.int32).ravel()
+        ck = (key, k)
+        if ck in self._prompt_cache:
+            self._prompt_cache.move_to_end(ck)
+            return self._prompt_cache[ck]
+        y0, x0 = g.origins()[k]
+        valid = (min(g.tile, g.height - y0), min(g.tile, g.width - x0))
+        _, _, p, lab = self._segment_tile(emb, valid_hw=valid, seed=(g.height, g.width, k))
+        self._prompt_cache[ck] = (p, lab)
+        while len(self._prompt_cache) > max(1, self.config.embedding_cache_tiles):
+            self._prompt_cache.popitem(last=False)
+        return p, lab
 
 
 def model_version(config: RootSAMInferenceConfig | Mapping[str, Any], *,
@@ -420,7 +563,8 @@ def model_version(config: RootSAMInferenceConfig | Mapping[str, Any], *,
     building it (jobs need it before any actor starts, to skip images already done).
 
     Reads the RootSAM checkpoint's metadata when one is set (a few MB); reads and hashes the
-    base checkpoint only when no base digest of at least 12 hex digits was given. The base
+    base checkpoint only when no base digest was given (a digest must be the full 64-hex
+    sha256; anything else raises ``ValueError``). The base
     digest is *not* verified here: the actors do that when they load it.
     """
     from rootflow.models import checkpoint as ckptlib
@@ -437,10 +581,10 @@ def model_version(config: RootSAMInferenceConfig | Mapping[str, Any], *,
     variant = get_variant(config.variant).name
     if not config.base_checkpoint:
         return f"sam2.1_{variant}@{RANDOM_INIT}"
-    digest = (config.base_sha256 or "").lower()
-    if len(digest) < 12:
+    digest = ckptlib.check_sha256(config.base_sha256) if config.base_sha256 else ""
+    if not digest:
         digest = ckptlib.sha256_bytes(ckptlib.read_verified(
-            config.base_checkpoint, sha256=config.base_sha256, storage_options=storage_options))
+            config.base_checkpoint, sha256=None, storage_options=storage_options))
     return f"sam2.1_{variant}@{digest[:12]}"
 
 

@@ -5,7 +5,9 @@ and :func:`compose_sam2` instantiates it with the ``sam2`` package's own classes
 variant is the hiera-tiny config shrunk (image 256 px, a 5-block Hiera of width 16, one memory
 attention layer) so tests and the CPU demo build and run it in well under a second; its prompt
 encoder and mask decoder have exactly the shapes of the real ones (``d_model`` 256), so
-decoder code paths and checkpoint formats are the same.
+decoder code paths and checkpoint formats are the same. ``micro`` (image 128 px, prompt
+encoder / mask decoder of width 64) exists only so tests can *train* a small decoder in seconds
+(behaviour tests of corrective clicks); it has none of SAM2.1's shapes.
 """
 
 from __future__ import annotations
@@ -62,6 +64,32 @@ VARIANTS: dict[str, SAM2Variant] = {
                 "++model.memory_attention.layer.cross_attention.feat_sizes=[16,16]",
             ),
             image_size=256,
+        ),
+        SAM2Variant(
+            "micro",
+            _T,
+            overrides=(
+                "++model.image_size=128",
+                "++model.image_encoder.trunk.embed_dim=16",
+                "++model.image_encoder.trunk.num_heads=1",
+                "++model.image_encoder.trunk.stages=[1,1,2,1]",
+                "++model.image_encoder.trunk.global_att_blocks=[3]",
+                "++model.image_encoder.neck.backbone_channel_list=[128,64,32,16]",
+                "++model.image_encoder.neck.d_model=64",
+                "++model.image_encoder.neck.position_encoding.num_pos_feats=64",
+                "++model.memory_attention.d_model=64",
+                "++model.memory_attention.num_layers=1",
+                "++model.memory_attention.layer.d_model=64",
+                "++model.memory_attention.layer.dim_feedforward=128",
+                "++model.memory_attention.layer.self_attention.embedding_dim=64",
+                "++model.memory_attention.layer.cross_attention.embedding_dim=64",
+                "++model.memory_attention.layer.self_attention.feat_sizes=[8,8]",
+                "++model.memory_attention.layer.cross_attention.feat_sizes=[8,8]",
+                "++model.memory_encoder.in_dim=64",
+                "++model.memory_encoder.mask_downsampler.embed_dim=64",
+                "++model.memory_encoder.fuser.layer.dim=64",
+            ),
+            image_size=128,
         ),
     )
 }

@@ -44,14 +44,33 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def check_sha256(digest: str) -> str:
+    """``digest`` lower-cased if it is a full sha256 (64 hex digits), else ``ValueError``.
+
+    A prefix is never accepted: 8 hex digits are 32 bits, which a forged checkpoint can match
+    by brute force in minutes.
+    """
+    d = str(digest).strip().lower()
+    if len(d) != 64 or any(c not in "0123456789abcdef" for c in d):
+        raise ValueError(f"sha256 must be the full 64-hex digest (as printed by sha256sum), "
+                         f"got {digest!r} ({len(d)} characters)")
+    return d
+
+
 def read_verified(uri: str, *, sha256: str | None = None,
                   storage_options: storage.StorageLike = None) -> bytes:
-    """Read a file and check its sha256 (full hex digest, or a prefix of >= 8 chars)."""
+    """Read a file and check its sha256 (the full 64-hex digest; see :func:`check_sha256`).
+
+    Raises:
+        ValueError: ``sha256`` is given but is not a full 64-hex digest (checked before any
+            byte is read).
+        ChecksumError: the file's digest differs.
+    """
+    want = check_sha256(sha256) if sha256 else None
     data = storage.read_bytes(uri, storage_options)
-    if sha256:
+    if want is not None:
         got = sha256_bytes(data)
-        want = sha256.lower()
-        if len(want) < 8 or not got.startswith(want):
+        if got != want:
             raise ChecksumError(f"sha256 mismatch for {uri}: expected {want}, got {got}")
     return data
 

@@ -243,7 +243,8 @@ class RootSAM(nn.Module):
 
         Args:
             emb: embeddings of ``B`` images (``B = 1`` with ``repeat_image``).
-            points: ``(P, N, 2)`` xy in model-input pixels; ``P = B`` or, with
+            points: ``(P, N, 2)`` continuous xy in model-input pixels (pixel centre =
+                ``col + 0.5``, :mod:`rootflow.inference.prompts`); ``P = B`` or, with
                 ``repeat_image``, any number of prompt sets on the single image.
             labels: ``(P, N)`` int (1 pos, 0 neg, -1 padding).
             mask_input: ``(P, 1, S/4, S/4)`` previous logits as a dense prompt, or None.
@@ -259,7 +260,11 @@ class RootSAM(nn.Module):
         if points is not None:
             if labels is None:
                 raise ValueError("labels are required with points")
-            pts = (points.to(self.device, torch.float32), labels.to(self.device, torch.int32))
+            # rootflow points are continuous (pixel centre = col + 0.5); SAM2's prompt encoder
+            # takes integer pixel indices and adds 0.5 itself, so hand it ``x - 0.5``: the
+            # coordinate it embeds is then exactly the pixel centre we were given.
+            pts = (points.to(self.device, torch.float32) - 0.5,
+                   labels.to(self.device, torch.int32))
         sparse, dense = sam.sam_prompt_encoder(points=pts, boxes=None,
                                                masks=None if mask_input is None
                                                else mask_input.to(self.device))

@@ -26,9 +26,11 @@ def build_recipe(*, config: str | None, overrides: list[str], **shortcuts: objec
         "init_checkpoint": "task.init_checkpoint", "stage1_epochs": "stage1.epochs",
         "stage2_epochs": "stage2.epochs", "stage1_patch": "stage1.patch_size",
         "stage2_patch": "stage2.patch_size", "stage1_lr": "stage1.lr", "stage2_lr": "stage2.lr",
-        "val_patch": "task.val_patch.patch_size", "patches_per_image":
+        "val_patch": ("stage1.val_patch_size", "stage2.val_patch_size"), "patches_per_image":
         "task.patch.patches_per_image", "empty_fraction": "task.patch.empty_fraction",
-        "n_pos": "task.patch.n_pos", "n_neg": "task.patch.n_neg",
+        "n_pos": "task.prompts.n_pos", "n_neg": "task.prompts.n_neg",
+        "click_rounds": "task.click_rounds", "precision": "run.precision",
+        "grad_clip": "run.grad_clip_norm", "loader_workers": "task.loader_workers",
         "batch_size": "task.batch_size", "max_images": "task.max_images",
         "workers": "run.num_workers", "gpu": "run.use_gpu", "storage_path": "run.storage_path",
         "name": "run.name", "max_failures": "run.max_failures",
@@ -39,7 +41,9 @@ def build_recipe(*, config: str | None, overrides: list[str], **shortcuts: objec
         if value is None:
             continue
         v = "true" if value is True else "false" if value is False else value
-        sets.append(f"{fields[key]}={v}")
+        targets = fields[key]
+        for target in (targets,) if isinstance(targets, str) else targets:
+            sets.append(f"{target}={v}")
     return cfglib.load(RootSAMRecipe, config, [*sets, *overrides])
 
 
@@ -60,11 +64,15 @@ def register(train: typer.Typer) -> None:
         stage2_patch: int | None = typer.Option(None, help="Stage 2 patch side (default 1024)."),
         stage1_lr: float | None = typer.Option(None, help="Stage 1 learning rate (default 1e-4)."),
         stage2_lr: float | None = typer.Option(None, help="Stage 2 learning rate (default 1e-5)."),
-        val_patch: int | None = typer.Option(None, help="Validation patch side (default 512)."),
+        val_patch: int | None = typer.Option(None, help="Validation patch side of both stages (default: each stage's own patch side)."),
         patches_per_image: int | None = typer.Option(None, help="Training patches per image per epoch."),
         empty_fraction: float | None = typer.Option(None, help="Share of root-free patches."),
-        n_pos: int | None = typer.Option(None, help="Positive (EDT-weighted) points per patch."),
-        n_neg: int | None = typer.Option(None, help="Negative points per patch."),
+        n_pos: int | None = typer.Option(None, help="EDT-weighted positive points of the prompt policy (task.prompts)."),
+        n_neg: int | None = typer.Option(None, help="EDT-weighted negative points of the prompt policy."),
+        click_rounds: int | None = typer.Option(None, help="Simulated corrective clicks per training sample (default 2)."),
+        precision: str | None = typer.Option(None, help="fp32 or bf16 (bf16 autocast on CUDA workers only)."),
+        grad_clip: float | None = typer.Option(None, help="Clip the gradient norm to this."),
+        loader_workers: int | None = typer.Option(None, help="DataLoader processes per Ray worker."),
         batch_size: int | None = typer.Option(None, help="Patches per step per worker."),
         max_images: int | None = typer.Option(None, help="Use only the first N annotated images."),
         cache: str | None = typer.Option(None, help="Embedding cache folder (local or s3://): train the decoder on cached encoder outputs."),
@@ -95,7 +103,9 @@ def register(train: typer.Typer) -> None:
             stage1_epochs=stage1_epochs, stage2_epochs=stage2_epochs, stage1_patch=stage1_patch,
             stage2_patch=stage2_patch, stage1_lr=stage1_lr, stage2_lr=stage2_lr,
             val_patch=val_patch, patches_per_image=patches_per_image,
-            empty_fraction=empty_fraction, n_pos=n_pos, n_neg=n_neg, batch_size=batch_size,
+            empty_fraction=empty_fraction, n_pos=n_pos, n_neg=n_neg, click_rounds=click_rounds,
+            precision=precision, grad_clip=grad_clip, loader_workers=loader_workers,
+            batch_size=batch_size,
             max_images=max_images, workers=workers, gpu=gpu, storage_path=storage_path,
             name=name, max_failures=max_failures, early_stopping=early_stopping,
             version=version)

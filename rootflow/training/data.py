@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from rootflow.inference.prompts import sample_edt_points
+from rootflow.inference.prompts import PromptPolicy
 from rootflow.io import storage
 from rootflow.training.augment import augment as _augment
 from rootflow.training.losses import signed_distance_map
@@ -86,7 +86,13 @@ def pairs_manifest(folder_uri: str, *, storage_options: storage.StorageLike = No
     """Annotated manifest of a folder tree: every image with a ``<stem>_mask.png`` beside it.
 
     Sorted by ``image_uri`` so the table (and the hash split) never depends on listing order.
+    A studio ``annotations`` Delta table (``<lake>/annotations``) is read as the manifest of
+    its latest accepted mask per image (:func:`rootflow.studio.annotations.annotations_manifest`).
     """
+    from rootflow.studio.annotations import annotations_manifest, is_annotations_table
+
+    if is_annotations_table(folder_uri, storage_options):
+        return annotations_manifest(folder_uri, storage_options=storage_options)
     fs = storage.filesystem(folder_uri, storage_options)
     root = storage.strip_protocol(folder_uri).rstrip("/")
     paths = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_EXTS))
@@ -170,7 +176,8 @@ class PatchConfig:
         patches_per_image: patches per image per epoch (dataset length = images x this).
         empty_fraction: share of patches drawn to contain no root at all (when the image
             has root-free areas of that size); the rest are centred near a root pixel.
-        n_pos / n_neg: positive (EDT-weighted, inside roots) / negative (outside) points.
+        n_pos / n_neg: EDT points when the dataset is given no :class:`PromptPolicy`
+            (RootSAM passes its policy, which decides the prompts; U-Net sets both to 0).
     """
 
     patch_size: int = 512
@@ -203,8 +210,10 @@ class _Source:
 class PatchDataset:
     """Map-style dataset of random patches with prompts (a ``torch.utils.data.Dataset``).
 
-    Item ``i`` comes from image ``i % n_images``; its patch, prompts and augmentation are drawn
-    from ``np.random.default_rng([seed, epoch, i])``. Call :meth:`set_epoch` each epoch (the
+    Item ``i`` comes from image ``i % n_images``; its patch and augmentation are drawn from
+    ``np.random.default_rng([seed, epoch, i])``, its prompts from ``policy.training_prompts``
+    on the augmented mask with ``np.random.default_rng([seed, epoch, i, 1])`` (the policy
+    inference uses, labelled by the ground truth). Call :meth:`set_epoch` each epoch (the
     RootSAM task does), or keep ``epoch`` fixed for a fixed validation set.
 
     Items are dicts of numpy arrays: ``image`` uint8 ``(P, P, 3)``, ``mask`` bool ``(P, P)``,
@@ -213,10 +222,14 @@ class PatchDataset:
     """
 
     def __init__(self, pairs: Sequence[AnnotatedImage], cfg: PatchConfig, *, seed: int = 0,
-                 transform: Any = None, epoch: int = 0) -> None:
+                 transform: Any = None, epoch: int = 0,
+                 policy: PromptPolicy | None = None) -> None:
         if not pairs:
             raise AnnotationError("PatchDataset needs at least one annotated image")
         self.cfg = cfg
+        if policy is None and cfg.n_pos + cfg.n_neg > 0:
+            policy = PromptPolicy(mode="edt", n_pos=cfg.n_pos, n_neg=cfg.n_neg)
+        self.policy = policy
         self.seed = seed
         self.transform = transform
         self.epoch = epoch
@@ -240,10 +253,14 @@ class PatchDataset:
         p = cfg.patch_size
         image = src.image[y:y + p, x:x + p]
         mask = src.mask[y:y + p, x:x + p]
-        points, _ = sample_edt_points(mask, n_pos=cfg.n_pos, n_neg=cfg.n_neg, rng=rng)
-        image, mask, points, labels = _augment(self.transform, np.ascontiguousarray(image),
-                                               np.ascontiguousarray(mask), points,
-                                               n_pos=cfg.n_pos, n_neg=cfg.n_neg, rng=rng)
+        image, mask, _, _ = _augment(self.transform, np.ascontiguousarray(image),
+                                     np.ascontiguousarray(mask), np.zeros((0, 2), np.float32),
+                                     n_pos=0, n_neg=0, rng=rng)
+        if self.policy is None:
+            points, labels = np.zeros((0, 2), np.float32), np.zeros(0, np.int32)
+        else:  # drawn on the augmented mask: no keypoint bookkeeping, labels exact
+            points, labels = self.policy.training_prompts(
+                mask, rng=np.random.default_rng([self.seed, epoch, index, 1]))
         return {"image": image, "mask": mask, "sdm": signed_distance_map(mask),
                 "points": points, "labels": labels, "index": np.int64(index)}
 

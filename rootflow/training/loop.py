@@ -114,6 +114,11 @@ class TrainRunConfig:
             models initialise identically; DDP also broadcasts rank 0's weights).
         max_minutes: wall-clock budget of one :func:`fit` call in minutes (None = none); see
             the module docstring. Setup, Ray start-up and checkpoint writes count against it.
+        precision: ``fp32`` (default) or ``bf16``: tasks run their forward passes inside
+            ``ctx.autocast()``, which is bf16 autocast on CUDA workers and a no-op elsewhere
+            (CPU runs stay fp32, so results do not depend on the host's bf16 support).
+        grad_clip_norm: clip the global gradient norm to this before each optimiser step
+            (tasks call ``ctx.clip_gradients(params)``); None = no clipping.
     """
 
     name: str = "rootflow-train"
@@ -131,8 +136,14 @@ class TrainRunConfig:
     export_uri: str | None = None
     seed: int = 0
     max_minutes: float | None = None
+    precision: Literal["fp32", "bf16"] = "fp32"
+    grad_clip_norm: float | None = None
 
     def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
+            raise ValueError(f"grad_clip_norm must be > 0 (or None), got {self.grad_clip_norm}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be > 0 (or None), got {self.max_minutes}")
         if self.mode not in ("min", "max"):
@@ -262,6 +273,27 @@ class LoopContext:
         if op == "mean":
             t = t / self.world_size
         return {k: float(v) for k, v in zip(keys, t.cpu().tolist(), strict=True)}
+
+    def autocast(self) -> Any:
+        """bf16 autocast on a CUDA worker when ``run.precision == "bf16"``, else a no-op
+        context (wrap forward passes and losses; call ``backward`` outside it)."""
+        import contextlib
+
+        import torch
+
+        if self.run.precision == "bf16" and self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def clip_gradients(self, parameters: Any) -> float | None:
+        """Clip the global gradient norm to ``run.grad_clip_norm`` (no-op when None); returns
+        the norm before clipping, or None when clipping is off."""
+        if self.run.grad_clip_norm is None:
+            return None
+        import torch
+
+        norm = torch.nn.utils.clip_grad_norm_(list(parameters), self.run.grad_clip_norm)
+        return float(norm)
 
     def barrier(self) -> None:
         if self.world_size > 1:

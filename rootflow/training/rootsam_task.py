@@ -7,11 +7,24 @@ parameters (see :mod:`rootflow.training.embedding_cache`). The loss is focal Tve
 + IoU-head MSE (:mod:`rootflow.training.losses`); AdamW with ``ReduceLROnPlateau`` on the
 validation mIoU; validation mIoU/Dice on fixed held-out patches (:mod:`rootflow.evaluation.metrics`).
 
+Prompts come from the one :class:`~rootflow.inference.prompts.PromptPolicy` inference uses
+(``task.prompts``; give inference the same values). Each training sample is an interactive
+episode (:func:`interactive_rounds`, SAM's click simulation): a prompt-free pass; the policy's
+points labelled by the ground truth, with the first pass's logits as mask prompt; then
+``click_rounds`` simulated corrective clicks (:func:`rootflow.inference.prompts.next_click`:
+centre of the largest error region, positive on a missed root, negative on a false one), each
+added to the prompts with the previous low-res logits as mask prompt. The loss is the mean over
+rounds. Validation runs the *deployed* policy (:func:`rootflow.inference.rootsam.deployed_decode`:
+labels from the prompt-free pass, no ground truth) at the stage's own patch size, so ``val_miou``
+measures the masks inference writes; each validation patch is scored exactly once over all
+workers (no sampler padding).
+
 Stages are configs of the same task (:class:`RootSAMRecipe`): stage 1 on 512 px patches at
 lr 1e-4, stage 2 on 1024 px patches at lr 1e-5 starting from stage 1's best checkpoint
 (:func:`train_rootsam` wires the export of one into ``init_checkpoint`` of the next). Patches
 are resized to the model's input side (1024 for SAM2.1; 256 for the ``test`` variant), so stage
-1 sees roots at 2x zoom and stage 2 at the scale inference tiles at.
+1 sees roots at 2x zoom and stage 2 at the scale inference tiles at; each stage validates on
+patches of its own size (:func:`recipe_stages` sets ``val_patch.patch_size``).
 
 The exported artefact is a RootSAM checkpoint (:func:`rootflow.models.rootsam.save_rootsam_checkpoint`)
 holding the prompt encoder + mask decoder, the base's sha256, this config and the best
@@ -26,11 +39,13 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from rootflow import config as rf_config
 from rootflow.evaluation.metrics import SegmentationMeter, summarize
+from rootflow.inference.prompts import PromptPolicy, next_clicks_batch
 from rootflow.io import storage
 from rootflow.training.augment import AugmentConfig, build_augment
 from rootflow.training.data import (
@@ -72,6 +87,10 @@ class RootSAMTrainConfig:
         val_fraction / split_seed: hash split when the manifest has no ``split`` column.
         max_images: use only the first N annotated images (quick runs).
         loader_workers: DataLoader processes per Ray worker (0 = in the training process).
+        prompts: the prompt policy (the same object type inference builds from its config).
+        click_rounds: simulated corrective clicks per training sample (0 = none).
+        rule_share: share of training samples whose policy prompts are labelled by the
+            deployed rule (the model's prompt-free pass) instead of the ground truth.
         cache: train on cached encoder outputs (None = encode every step).
         version: RootSAM version string (default ``rootsam-<variant>-<date>``).
         seed: patch/prompt/augmentation seed.
@@ -96,6 +115,9 @@ class RootSAMTrainConfig:
     split_seed: int = 0
     max_images: int | None = None
     loader_workers: int = 0
+    prompts: PromptPolicy = PromptPolicy()
+    click_rounds: int = 2
+    rule_share: float = 0.5
     cache: EmbeddingCacheConfig | None = None
     version: str = ""
     seed: int = 0
@@ -114,10 +136,74 @@ class _DecoderHead(nn.Module):
         self.sam_mask_decoder = model.sam.sam_mask_decoder
         self._model = [model]  # a list hides the frozen encoder from nn.Module registration
 
-    def forward(self, emb: Any, points: torch.Tensor,
-                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, iou, _ = self._model[0].decode(emb, points=points, labels=labels)
-        return logits, iou
+    def forward(self, emb: Any, points: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                *, patch: int, click_rounds: int, policy: PromptPolicy | None = None,
+                rule_share: float = 0.0, rng: np.random.Generator | None = None,
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One interactive episode per sample (:func:`interactive_rounds`) in one forward, so
+        DDP sees each parameter's gradient once per step."""
+        return interactive_rounds(self._model[0], emb, points, labels, mask, patch=patch,
+                                  click_rounds=click_rounds, policy=policy,
+                                  rule_share=rule_share, rng=rng)
+
+
+def interactive_rounds(model: Any, emb: Any, points: torch.Tensor, labels: torch.Tensor,
+                       mask: torch.Tensor, *, patch: int, click_rounds: int,
+                       policy: PromptPolicy | None = None, rule_share: float = 0.0,
+                       rng: np.random.Generator | None = None,
+                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """SAM-style interactive training episode on a batch (the training forward of RootSAM).
+
+    Round 0: prompt-free pass. Round 1: the policy's prompts (``points`` in patch px, labelled
+    by the ground truth) with round 0's logits (detached) as mask prompt. Rounds 2..: one
+    simulated click per sample (:func:`~rootflow.inference.prompts.next_clicks_batch` on the
+    previous prediction at patch size; padding where it is already perfect) appended to the
+    prompts, previous low-res logits (detached) as mask prompt: exactly what
+    :meth:`RootSAMPredictor.refine` feeds at inference (original prompts + clicks + previous
+    logits).
+
+    Args:
+        model: the :class:`~rootflow.models.rootsam.RootSAM`.
+        emb: embeddings of the ``B`` patches.
+        points / labels: ``(B, N, 2)`` patch px / ``(B, N)``.
+        mask: ``(B, P, P)`` bool ground truth (for the clicks).
+        patch: patch side ``P`` (points are scaled to the model input).
+        policy / rule_share / rng: with probability ``rule_share`` per sample, round 1's
+            prompts are redrawn by ``policy.inference_prompts`` from round 0's probabilities:
+            the deployed situation (labels from the model's own first pass, not the truth),
+            so the click rounds learn to correct the errors the deployed policy makes.
+
+    Returns:
+        ``[(low-res logits (B, 1, S/4, S/4), iou (B, 1)), ...]``, one per round.
+    """
+    from rootflow.inference.rootsam import prompt_free_decode
+
+    dev = model.device
+    scale = model.image_size / patch
+    logits, iou = prompt_free_decode(model, emb)
+    rounds = [(logits, iou)]
+    points = points.to(dev, torch.float32)
+    labs = labels.to(dev, torch.int32)
+    if policy is not None and rule_share > 0:
+        gen = rng if rng is not None else np.random.default_rng()
+        with torch.no_grad():
+            prob = torch.sigmoid(model.upscale(logits.detach().float(), patch))[:, 0].cpu().numpy()
+        for i in np.flatnonzero(gen.random(len(prob)) < rule_share):
+            p_i, l_i = policy.inference_prompts(prob[i], rng=gen)
+            points[i] = torch.from_numpy(p_i).to(dev)
+            labs[i] = torch.from_numpy(l_i).to(dev)
+    pts = points * scale
+    truth = mask.detach().bool().cpu().numpy()
+    for r in range(1 + click_rounds):
+        if r > 0:
+            with torch.no_grad():
+                pred = (model.upscale(logits.detach(), patch)[:, 0] > 0).cpu().numpy()
+            cp, cl = next_clicks_batch(pred, truth)
+            pts = torch.cat([pts, torch.from_numpy(cp).to(dev)[:, None] * scale], dim=1)
+            labs = torch.cat([labs, torch.from_numpy(cl).to(dev)[:, None]], dim=1)
+        logits, iou, _ = model.decode(emb, points=pts, labels=labs, mask_input=logits.detach())
+        rounds.append((logits, iou))
+    return rounds
 
 
 class RootSAMTask:
@@ -158,9 +244,10 @@ class RootSAMTask:
         self.train_ids = train_t["image_id"].to_pylist()
         self.val_ids = val_t["image_id"].to_pylist()
         train_live = PatchDataset(load_pairs(train_t, storage_options=opts), cfg.patch,
-                                  seed=cfg.seed, transform=build_augment(cfg.augment))
+                                  seed=cfg.seed, transform=build_augment(cfg.augment),
+                                  policy=cfg.prompts)
         val_live = PatchDataset(load_pairs(val_t, storage_options=opts), cfg.val_patch,
-                                seed=cfg.seed + 1, transform=None)
+                                seed=cfg.seed + 1, transform=None, policy=cfg.prompts)
         self.train_ds: Any = train_live
         self.val_ds: Any = val_live
         if cfg.cache is not None:
@@ -170,8 +257,11 @@ class RootSAMTask:
         self.train_loader = ctx.loader(self.train_ds, batch_size=cfg.batch_size, shuffle=True,
                                        drop_last=shard > cfg.batch_size,
                                        num_workers=cfg.loader_workers)
-        self.val_loader = ctx.loader(self.val_ds, batch_size=cfg.batch_size, shuffle=False,
-                                     num_workers=cfg.loader_workers)
+        self.val_loader = exact_shard_loader(self.val_ds, rank=ctx.world_rank,
+                                             world_size=ctx.world_size,
+                                             batch_size=cfg.batch_size,
+                                             num_workers=cfg.loader_workers,
+                                             pin_memory=ctx.device.type == "cuda")
 
     def _cached(self, live: PatchDataset, ids: list[str], views: int, split: str) -> Any:
         """Build (all ranks, disjoint shards) or reuse the embedding cache of ``live``."""
@@ -185,6 +275,7 @@ class RootSAMTask:
         assert self.cfg.cache is not None
         ccfg = dataclasses.replace(self.cfg.cache, views=views)
         desc = {"split": split, "patch": rf_config.to_dict(live.cfg), "seed": live.seed,
+                "prompts": rf_config.to_dict(self.cfg.prompts),
                 "augment": rf_config.to_dict(self.cfg.augment) if split == "train" else None}
         key = cache_key(model=self.model, image_ids=ids, description=desc, cfg=ccfg)
         ctx = self.ctx
@@ -201,22 +292,27 @@ class RootSAMTask:
         return CachedPatchDataset(root, storage_options=ctx.storage_options)
 
     # -- steps ---------------------------------------------------------------------------------
-    def _forward(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch -> decoder logits at patch size ``(B, 1, P, P)`` and IoU predictions ``(B, 1)``."""
+    def _embed(self, batch: Mapping[str, torch.Tensor]) -> Any:
         from rootflow.models.rootsam import ImageEmbeddings
 
         dev = self.ctx.device
-        p = int(batch["mask"].shape[-1])
-        s = self.model.image_size
         if "image_embed" in batch:
-            emb = ImageEmbeddings(batch["image_embed"].to(dev, torch.float32),
-                                  (batch["hr0"].to(dev, torch.float32),
-                                   batch["hr1"].to(dev, torch.float32)))
-        else:
-            with torch.no_grad():
-                emb = encode_patches(self.model, batch["image"])
-        points = batch["points"].to(dev, torch.float32) * (s / p)
-        logits, iou = self.head(emb, points, batch["labels"].to(dev))
+            return ImageEmbeddings(batch["image_embed"].to(dev, torch.float32),
+                                   (batch["hr0"].to(dev, torch.float32),
+                                    batch["hr1"].to(dev, torch.float32)))
+        with torch.no_grad(), self.ctx.autocast():
+            emb = encode_patches(self.model, batch["image"])
+        return emb.to(dtype=torch.float32)
+
+    def _forward(self, batch: Mapping[str, torch.Tensor], *, click_rounds: int | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch -> the last round's logits at patch size ``(B, 1, P, P)`` and IoU ``(B, 1)``."""
+        mask = batch["mask"].to(self.ctx.device)
+        p = int(mask.shape[-1])
+        rounds = self.head(self._embed(batch), batch["points"], batch["labels"], mask, patch=p,
+                           click_rounds=self.cfg.click_rounds if click_rounds is None
+                           else click_rounds)
+        logits, iou = rounds[-1]
         return self.model.upscale(logits, p), iou
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -226,12 +322,20 @@ class RootSAMTask:
         sums: dict[str, float] = {}
         n = 0
         for batch in self.train_loader:
-            logits, iou = self._forward(batch)
-            mask = batch["mask"].to(dev).unsqueeze(1)
+            emb = self._embed(batch)
+            mask = batch["mask"].to(dev)
+            p = int(mask.shape[-1])
             sdm = batch["sdm"].to(dev).unsqueeze(1)
-            loss, parts = rootsam_loss(logits, iou, mask, sdm, self.cfg.loss)
+            rng = np.random.default_rng([self.cfg.seed, epoch, int(batch["index"][0])])
+            with self.ctx.autocast():
+                rounds = self.head(emb, batch["points"], batch["labels"], mask, patch=p,
+                                   click_rounds=self.cfg.click_rounds, policy=self.cfg.prompts,
+                                   rule_share=self.cfg.rule_share, rng=rng)
+            loss, parts = episode_loss(self.model, rounds, mask.unsqueeze(1), sdm, self.cfg.loss,
+                                       patch=p)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
+            self.ctx.clip_gradients(p_ for p_ in self.head.parameters() if p_.requires_grad)
             self.opt.step()
             b = int(mask.shape[0])
             for k, v in parts.items():
@@ -245,22 +349,33 @@ class RootSAMTask:
         return out
 
     def validate(self, epoch: int) -> dict[str, float]:
+        """Metrics of the deployed policy (no ground truth in the prompts) at this stage's
+        patch size, exact over workers: every patch counted once (sums all-reduced)."""
+        from rootflow.inference.rootsam import deployed_decode
+
         self.head.eval()
         dev = self.ctx.device
         meter = SegmentationMeter()
         loss_sum, n = 0.0, 0
         with torch.no_grad():
             for batch in self.val_loader:
-                logits, iou = self._forward(batch)
+                emb = self._embed(batch)
                 mask = batch["mask"].to(dev).unsqueeze(1)
+                p = int(mask.shape[-1])
                 sdm = batch["sdm"].to(dev).unsqueeze(1)
-                _, parts = rootsam_loss(logits, iou, mask, sdm, self.cfg.loss)
+                rngs = [np.random.default_rng([self.cfg.seed, 7, int(i)])
+                        for i in batch["index"].tolist()]
+                with self.ctx.autocast():
+                    out = deployed_decode(self.model, emb, self.cfg.prompts, size=p, rngs=rngs)
+                logits = self.model.upscale(out.logits.float(), p)
+                _, parts = rootsam_loss(logits, out.iou.float(), mask, sdm, self.cfg.loss)
                 loss_sum += parts["loss"] * int(mask.shape[0])
                 n += int(mask.shape[0])
-                meter.update(logits > 0, mask, iou)
+                meter.update(logits > 0, mask, out.iou.float())
         sums = self.ctx.all_reduce({**meter.sums(), "loss_sum": loss_sum, "loss_n": float(n)})
         metrics = summarize(sums)
         metrics["loss"] = sums["loss_sum"] / max(sums["loss_n"], 1.0)
+        metrics["n"] = sums["loss_n"]
         return metrics
 
     def on_epoch_end(self, epoch: int, metrics: Mapping[str, float]) -> None:
@@ -298,6 +413,41 @@ class RootSAMTask:
         return uri
 
 
+def episode_loss(model: Any, rounds: list[tuple[torch.Tensor, torch.Tensor]],
+                 mask: torch.Tensor, sdm: torch.Tensor, cfg: LossConfig, *, patch: int,
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean :func:`rootsam_loss` over the rounds of :func:`interactive_rounds` (logits
+    upscaled to the patch). Parts: the policy round's terms, ``loss`` = the mean, and
+    ``loss_free`` / ``loss_last`` (prompt-free and last click round)."""
+    total = None
+    parts: dict[str, float] = {}
+    first = last = 0.0
+    for r, (logits, iou) in enumerate(rounds):
+        loss, prt = rootsam_loss(model.upscale(logits.float(), patch), iou.float(), mask, sdm, cfg)
+        total = loss if total is None else total + loss
+        if r == 0:
+            first = prt["loss"]
+        if r == 1:
+            parts = dict(prt)
+        last = prt["loss"]
+    assert total is not None
+    total = total / len(rounds)
+    parts.update(loss=float(total.detach()), loss_free=first, loss_last=last)
+    return total, parts
+
+
+def exact_shard_loader(dataset: Any, *, rank: int, world_size: int, batch_size: int,
+                       num_workers: int = 0, pin_memory: bool = False) -> Any:
+    """A ``DataLoader`` over indices ``rank::world_size`` of ``dataset``: disjoint shards that
+    cover every item exactly once (unlike ``DistributedSampler``, which pads by repeating
+    items), so all-reduced validation sums are exact."""
+    from torch.utils.data import DataLoader, Subset
+
+    idx = list(range(rank, len(dataset), world_size))
+    return DataLoader(Subset(dataset, idx), batch_size=batch_size, shuffle=False,
+                      num_workers=num_workers, pin_memory=pin_memory)
+
+
 def freeze_encoder(model: Any) -> None:
     """Freeze the image encoder (and the decoder's image-side projections); eval mode.
 
@@ -327,11 +477,14 @@ class StageConfig:
         epochs: epochs of this stage (0 skips it).
         patch_size: training patch side.
         lr: AdamW learning rate.
+        val_patch_size: validation patch side; None = ``patch_size`` (each stage is selected
+            at its own scale: 512 in stage 1, 1024 in stage 2).
     """
 
     epochs: int = 20
     patch_size: int = 512
     lr: float = 1e-4
+    val_patch_size: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,7 +518,9 @@ def recipe_stages(recipe: RootSAMRecipe) -> list[tuple[RootSAMTrainConfig, Train
     for i, (name, st) in enumerate(active):
         task = dataclasses.replace(
             recipe.task, lr=st.lr,
-            patch=dataclasses.replace(recipe.task.patch, patch_size=st.patch_size))
+            patch=dataclasses.replace(recipe.task.patch, patch_size=st.patch_size),
+            val_patch=dataclasses.replace(recipe.task.val_patch,
+                                          patch_size=st.val_patch_size or st.patch_size))
         last = i == len(active) - 1
         run = dataclasses.replace(recipe.run, name=f"{recipe.run.name}-{name}", epochs=st.epochs,
                                   export_uri=recipe.out if last else f"{stem}-{name}.pt")

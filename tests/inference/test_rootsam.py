@@ -62,14 +62,18 @@ def test_results_do_not_depend_on_batch_composition(predictor):
     np.testing.assert_allclose(together[1].logits, alone[0].logits, atol=1e-4)
 
 
-def test_lattice_mode_keeps_masks_by_predicted_iou():
-    keep_all = RootSAMPredictor(dataclasses.replace(TINY, prompt_mode="lattice"))
-    keep_none = RootSAMPredictor(dataclasses.replace(TINY, prompt_mode="lattice",
-                                                     iou_threshold=1.01))
+def test_lattice_mode_decodes_one_policy_prompt_set_per_tile():
+    """Guards against inference prompting outside the policy: in ``lattice`` mode each tile
+    gets exactly the policy's lattice (n x n points over the image part of the tile, labelled
+    by the prompt-free pass), one mask per tile."""
+    pred = RootSAMPredictor(dataclasses.replace(TINY, prompt_mode="lattice"))
     img = root_image(64, 64)
-    r_all, r_none = keep_all.predict([img])[0], keep_none.predict([img])[0]
-    assert r_all.n_masks == 4 and r_all.params["prompt_mode"] == "lattice"
-    assert r_none.n_masks == 0 and r_none.confidence == 0.0 and not r_none.mask.any()
+    r = pred.predict([img], return_logits=True)[0]
+    assert r.n_masks == 1 and r.params["prompt_mode"] == "lattice"
+    pts, labs = r.tile_prompts[0]
+    n = TINY.lattice_points_per_side
+    assert pts.shape == (n * n, 2) and set(labs.tolist()) <= {0, 1}
+    assert pts.max() < 64 and pts.min() > 0  # the image part of the padded 256 px tile
 
 
 def test_refine_reruns_only_clicked_tiles_and_caches_embeddings(predictor, monkeypatch):
@@ -111,9 +115,11 @@ def test_model_version_known_before_building(tmp_path):
     assert model_version(TINY) == "sam2.1_test@random-init"
     base = str(tmp_path / "base.pt")
     sha = R.save_base_checkpoint(R.build_rootsam("test", seed=3), base)
-    for given in (sha[:8], sha):  # a short prefix makes model_version hash the file
+    for given in (None, sha):  # without a digest model_version hashes the file
         cfg = dataclasses.replace(TINY, base_checkpoint=base, base_sha256=given)
         assert model_version(to_dict(cfg)) == RootSAMPredictor(cfg).version == f"sam2.1_test@{sha[:12]}"
+    with pytest.raises(ValueError, match="full 64-hex"):  # a prefix is not a digest
+        model_version(dataclasses.replace(TINY, base_checkpoint=base, base_sha256=sha[:12]))
     rs = str(tmp_path / "rs.pt")
     R.save_rootsam_checkpoint(R.build_rootsam("test", base_checkpoint=base), rs, version="rs-9")
     cfg = dataclasses.replace(TINY, base_checkpoint=base, rootsam_checkpoint=rs)

@@ -87,7 +87,7 @@ def test_freeze_keeps_only_decoder_trainable():
 
 def test_base_and_rootsam_checkpoint_round_trip_local(base, tmp_path):
     ref, base_uri, sha = base
-    loaded = R.build_rootsam("test", base_checkpoint=base_uri, base_sha256=sha[:12])
+    loaded = R.build_rootsam("test", base_checkpoint=base_uri, base_sha256=sha.upper())
     assert loaded.base_sha256 == sha and not loaded.random_init
     assert torch.equal(_predict(loaded)[0], _predict(ref)[0])
 
@@ -110,14 +110,19 @@ def test_base_and_rootsam_checkpoint_round_trip_local(base, tmp_path):
 
 
 def test_sha256_mismatch(base, tmp_path):
+    """Guards against a wrong digest loading, and against a short prefix being accepted as a
+    digest (32 bits can be forged): only the full 64-hex sha256 counts."""
     _, base_uri, sha = base
+    for short in (sha[:8], sha[:12], sha[:63]):
+        with pytest.raises(ValueError, match="full 64-hex"):
+            R.build_rootsam("test", base_checkpoint=base_uri, base_sha256=short)
     with pytest.raises(checkpoint.ChecksumError, match="sha256 mismatch"):
         R.build_rootsam("test", base_checkpoint=base_uri, base_sha256="0" * 64)
     uri = str(tmp_path / "rs.pt")
     R.save_rootsam_checkpoint(_tuned(base_uri, sha), uri, version="v")
     with pytest.raises(checkpoint.ChecksumError):
         R.build_rootsam("test", base_checkpoint=base_uri, rootsam_checkpoint=uri,
-                        rootsam_sha256="deadbeefdeadbeef")
+                        rootsam_sha256="deadbeef" * 8)
 
 
 def test_wrong_base_and_wrong_variant_fail_clearly(base, tmp_path):

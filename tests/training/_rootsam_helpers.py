@@ -56,3 +56,88 @@ def write_manifest_csv(folder: Path, path: Path) -> Path:
 
     pacsv.write_csv(table, path)
     return path
+
+
+def thick_pair(seed: int, *, size: int = 128, n_roots: int = 2,
+               decoys: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A toy view a small model can resolve (its logits are 4 px): ``n_roots`` bright roots
+    ``size``/20 to ``size``/12 px wide on speckled soil, ``size`` x ``size``. ``decoys`` more
+    roots look the same but are not in the mask (a dead root the annotator skipped): only a
+    click can tell them apart, which is what corrective clicks are for."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(70, 12, (size, size, 3)).clip(0, 255).astype(np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    bright = np.zeros((size, size), np.uint8)
+    for k in range(n_roots + decoys):
+        target = mask if k < n_roots else bright
+        x, y = float(rng.uniform(0.15, 0.85) * size), 0.0
+        angle = rng.uniform(np.pi / 3, 2 * np.pi / 3)
+        thick = int(rng.integers(size // 20, size // 12 + 1))
+        pts = []
+        while 0 <= y < size and 0 <= x < size:
+            pts.append((int(x), int(y)))
+            angle += rng.normal(0, 0.1)
+            x, y = x + 4 * np.cos(angle), y + 4 * np.sin(angle)
+        if len(pts) > 1:
+            cv2.polylines(target, [np.array(pts, np.int32)], False, 255, thick)
+    root = mask > 0
+    shown = root | (bright > 0)
+    image[shown] = np.clip(rng.normal(200, 15, (int(shown.sum()), 3)), 0, 255).astype(np.uint8)
+    return image, root
+
+
+def train_small_decoder(policy, *, variant: str = "micro", n_images: int = 8, steps: int = 60,
+                        batch: int = 4, click_rounds: int = 2, lr: float = 1e-3,
+                        seed: int = 0, decoys: int = 0, rule_share: float = 0.5):
+    """A small RootSAM (``micro`` variant: 128 px input, decoder of width 64) whose decoder is
+    trained by RootSAM's own training step (:func:`interactive_rounds` + :func:`episode_loss`,
+    prompts from ``policy``) on :func:`thick_pair` views of the model's input size, with the
+    (frozen, random-init) encoder's outputs computed once. Returns the model (eval mode)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more threads only spin on a busy host
+    try:
+        return _train(policy, variant=variant, n_images=n_images, steps=steps, batch=batch,
+                      click_rounds=click_rounds, lr=lr, seed=seed, decoys=decoys,
+                      rule_share=rule_share)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(policy, *, variant, n_images, steps, batch, click_rounds, lr, seed, decoys,
+           rule_share):
+    import torch
+
+    from rootflow.models.rootsam import build_rootsam
+    from rootflow.training.losses import LossConfig, signed_distance_map
+    from rootflow.training.rootsam_task import episode_loss, freeze_encoder, interactive_rounds
+
+    torch.manual_seed(seed)
+    model = build_rootsam(variant)
+    freeze_encoder(model)
+    pairs = [thick_pair(1000 + seed * 100 + i, size=model.image_size, decoys=decoys)
+             for i in range(n_images)]
+    with torch.no_grad():
+        emb = model.encode(model.preprocess(np.stack([p[0] for p in pairs])))
+    masks = torch.from_numpy(np.stack([p[1] for p in pairs]))
+    sdms = torch.from_numpy(np.stack([signed_distance_map(p[1]) for p in pairs]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    rng = np.random.default_rng(seed)
+    size = model.image_size
+    for _ in range(steps):
+        idx = rng.choice(n_images, size=batch, replace=False)
+        drawn = [policy.training_prompts(pairs[i][1], rng=rng) for i in idx]
+        pts = torch.from_numpy(np.stack([d[0] for d in drawn]))
+        labs = torch.from_numpy(np.stack([d[1] for d in drawn]))
+        mask = masks[idx]
+        rounds = interactive_rounds(model, emb.index(torch.from_numpy(idx)), pts, labs, mask,
+                                    patch=size, click_rounds=click_rounds, policy=policy,
+                                    rule_share=rule_share, rng=rng)
+        loss, _ = episode_loss(model, rounds, mask.unsqueeze(1).float(),
+                               sdms[idx].unsqueeze(1), LossConfig(), patch=size)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval()

@@ -121,3 +121,68 @@ def test_embedding_cache_matches_live_encoding(pairs: Path, tmp_path: Path) -> N
     key = functools.partial(cache_key, model=live.model, image_ids=live.train_ids, cfg=cache)
     assert key(description={"augment": 1}) != key(description={"augment": 2})
     assert np.isfinite(again.train_epoch(0)["loss"])
+
+
+def test_validation_shards_are_exact_over_workers():
+    """Guards against validation metrics counting padded duplicates: the shards of 2 and 3
+    workers cover every item exactly once (DistributedSampler would repeat items to pad)."""
+    from rootflow.training.rootsam_task import exact_shard_loader
+
+    data = list(range(7))
+    for world in (1, 2, 3):
+        seen = [int(x) for r in range(world)
+                for b in exact_shard_loader(data, rank=r, world_size=world, batch_size=2)
+                for x in b]
+        assert sorted(seen) == data, (world, seen)
+
+
+def test_validation_uses_deployed_policy_not_ground_truth_prompts(pairs: Path):
+    """Guards against validation prompted from the ground truth: val_miou must be the mIoU
+    of ``deployed_decode`` (prompts labelled by the model's own prompt-free pass), the code
+    inference runs."""
+    from rootflow.evaluation.metrics import SegmentationMeter, summarize
+    from rootflow.inference.rootsam import deployed_decode
+
+    task = RootSAMTask(_cfg(pairs, click_rounds=1))
+    task.setup(_ctx())
+    val = task.validate(0)
+    meter = SegmentationMeter()
+    with torch.no_grad():
+        for i in range(len(task.val_ds)):
+            it = default_collate([task.val_ds[i]])
+            emb = task._embed(it)
+            out = deployed_decode(task.model, emb, task.cfg.prompts, size=96,
+                                  rngs=[np.random.default_rng([task.cfg.seed, 7, i])])
+            meter.update(task.model.upscale(out.logits, 96) > 0, it["mask"].unsqueeze(1))
+    assert val["miou"] == pytest.approx(summarize(meter.sums())["miou"], abs=1e-3)
+    assert val["n"] == len(task.val_ds)
+
+
+def test_each_stage_validates_at_its_own_scale():
+    """Guards against stage 2 being selected on stage 1's (2x zoomed) validation patches."""
+    from rootflow.training.rootsam_task import RootSAMRecipe, StageConfig, recipe_stages
+
+    stages = recipe_stages(RootSAMRecipe(task=RootSAMTrainConfig(data="x")))
+    assert [(t.patch.patch_size, t.val_patch.patch_size) for t, _ in stages] == [
+        (512, 512), (1024, 1024)]
+    fixed = recipe_stages(RootSAMRecipe(stage2=StageConfig(epochs=1, patch_size=1024,
+                                                           lr=1e-5, val_patch_size=768)))
+    assert fixed[1][0].val_patch.patch_size == 768
+
+
+def test_loop_gradient_clipping_and_cpu_autocast_are_options():
+    """Guards against the loop's grad-clip option not clipping, and bf16 autocast leaking
+    onto CPU runs (it is CUDA-only); the defaults leave existing tasks unchanged."""
+    ctx = _ctx()
+    assert ctx.run.grad_clip_norm is None and ctx.run.precision == "fp32"
+    p = torch.nn.Parameter(torch.ones(4))
+    p.grad = torch.full((4,), 10.0)
+    assert ctx.clip_gradients([p]) is None and torch.equal(p.grad, torch.full((4,), 10.0))
+    clip = LoopContext(world_rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
+                       run=TrainRunConfig(grad_clip_norm=1.0, precision="bf16"))
+    assert clip.clip_gradients([p]) == pytest.approx(20.0)
+    assert float(p.grad.norm()) == pytest.approx(1.0, rel=1e-4)
+    with clip.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with pytest.raises(ValueError, match="precision"):
+        TrainRunConfig(precision="fp16")  # type: ignore[arg-type]
