@@ -43,7 +43,7 @@ class RootQuantInferenceConfig:
             (training exports one). Without one the stage runs a *randomly initialised* model
             (seeded, so its version ``rootquant@random-<backbone>`` means something): only for
             demos and plumbing tests, its numbers are meaningless.
-        sha256: expected digest of the checkpoint (full or >= 8-char prefix), checked first.
+        sha256: expected digest of the checkpoint (the full 64-hex sha256), checked first.
         backbone / mm_per_px / tile_px: the random model's settings (ignored with a checkpoint,
             whose own config defines the model).
         device: ``auto`` = CUDA when available, else CPU.
@@ -139,11 +139,13 @@ class RootQuantPredictor:
         (the stage wraps this per row)."""
         if len(images) != len(dpis):
             raise ValueError(f"{len(images)} images but {len(dpis)} dpi values")
-        tiles = [self.model.tiles_for(np.asarray(im), dpi=float(d))
-                 for im, d in zip(images, dpis, strict=True)]
-        return self._predict_tiles(tiles)
+        prepared = [self.model.prepare(np.asarray(im), dpi=float(d))
+                    for im, d in zip(images, dpis, strict=True)]
+        return self._predict_tiles([p[0] for p in prepared], [p[1] for p in prepared])
 
-    def _predict_tiles(self, tiles: Sequence[np.ndarray]) -> list[RootQuantPrediction]:
+    def _predict_tiles(self, tiles: Sequence[np.ndarray],
+                       areas_mm2: Sequence[float]) -> list[RootQuantPrediction]:
+        """Tiles (with context) and model-scale areas of several images -> predictions."""
         if not tiles:
             return []
         counts = [len(t) for t in tiles]
@@ -157,8 +159,10 @@ class RootQuantPredictor:
                 cells = self.model.forward_tiles(chunk).float()
             summary[s:s + len(chunk)] = self.model.summarize(cells).cpu()
         index = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
-        length, area, logit = rq.aggregate_tiles(summary, index, len(counts))
-        presence = torch.sigmoid(logit)
+        out_img = self.model.images_from_summary(
+            summary, index, len(counts), torch.tensor(list(areas_mm2), dtype=torch.float32))
+        length, area = out_img.length_mm.detach(), out_img.area_mm2.detach()
+        presence = torch.sigmoid(out_img.presence_logit.detach().cpu())
         out = []
         for i, n in enumerate(counts):
             p = float(presence[i])
@@ -261,6 +265,7 @@ class RootQuantStage:
 
         todo: list[int] = []
         tiles: list[np.ndarray] = []
+        areas: list[float] = []
         for i in range(n):
             if isinstance(errors[i], str) and errors[i]:
                 continue
@@ -268,17 +273,19 @@ class RootQuantStage:
                 d = float(dpis[i])
                 if not (math.isfinite(d) and d > 0):
                     raise ValueError(f"dpi must be a positive number, got {d}")
-                tiles.append(self.predictor.model.tiles_for(np.asarray(batch["image"][i]), dpi=d))
+                t, a = self.predictor.model.prepare(np.asarray(batch["image"][i]), dpi=d)
+                tiles.append(t)
+                areas.append(a)
                 todo.append(i)
             except Exception as e:  # a bad row never fails the batch
                 errors[i] = _fail(e)
         preds: list[RootQuantPrediction | BaseException] = []
         try:
-            preds = list(self.predictor._predict_tiles(tiles))
+            preds = list(self.predictor._predict_tiles(tiles, areas))
         except Exception:  # e.g. out of memory on the whole batch: retry one image at a time
-            for t in tiles:
+            for t, a in zip(tiles, areas, strict=True):
                 try:
-                    preds.append(self.predictor._predict_tiles([t])[0])
+                    preds.append(self.predictor._predict_tiles([t], [a])[0])
                 except Exception as e:
                     preds.append(e)
         for i, p in zip(todo, preds, strict=True):

@@ -21,7 +21,13 @@ amounts of length and area *given* presence, ``softplus(a) * unit``. A cell's ex
 tile's is the sum of its cells and an image's the sum of its tiles: the density-map regression
 of object counting, so length and area are additive at every scale, from a cell to an archive.
 An empty cell is predicted as (almost exactly) zero, which a plain regressor on zero-inflated
-targets does badly. The image's presence probability is that of its most certain cell.
+targets does badly. The image's presence comes from its predicted length per mm2 (an intensive
+quantity, so it does not drift with image size: :func:`presence_from_density`).
+
+**Geometry.** Tiles are cut with real image context around them, measured per backbone
+(:func:`feature_geometry`), so the stride-``cell_px`` feature read for cell ``j`` is centred in
+cell ``j`` (no resampling of valid-padded maps). ``head="pooled"`` is the seed's model instead:
+global pooling, two outputs per tile, Huber.
 
 **Loss.** Per image: Huber on ``log1p(y / scale)`` of the summed prediction (per-image lengths
 span orders of magnitude; a 10 % error costs alike on small and large images; robust to the odd
@@ -53,7 +59,18 @@ from rootflow.io import storage
 from rootflow.models import checkpoint
 from rootflow.models.registry import WeightSpec, register_model
 
-CHECKPOINT_FORMAT = "rootflow.rootquant/2"  # /2: density head (cell maps); /1 had one output per tile
+# /3: head option (dense | pooled), aligned context tiles, size-free image presence.
+# /2 (dense head stretched onto the cell grid, max-cell presence) and /1 (one output per
+# tile) are refused with RootQuantFormatError: their geometry and presence differ.
+CHECKPOINT_FORMAT = "rootflow.rootquant/3"
+OLD_FORMATS = ("rootflow.rootquant/1", "rootflow.rootquant/2")
+HEADS = ("dense", "pooled")
+_POOLED_PRESENCE = 20.0  # the pooled head has no presence map: its one cell is always "present"
+_DENSITY_EPS = 1e-6  # mm / mm2, keeps log(density) finite on empty images
+
+
+class RootQuantFormatError(ValueError):
+    """A file is not a RootQuant checkpoint of the format this code reads (named in the message)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +98,14 @@ class RootQuantConfig:
         backbone_weights_uri / backbone_weights_sha256: optional ImageNet (or user) weights
             for the backbone, read from a URI the user gives (``.pth``/``.pt`` through
             :func:`rootflow.models.checkpoint.load`, or ``.safetensors``), sha256-checked.
+        head: ``dense`` (hurdle density map over ``cell_px`` cells, :class:`DensityHead`) or
+            ``pooled`` (the seed's model: global average pooling of the last features, two
+            outputs per tile, :class:`PooledHead`). Both are summed over tiles per image.
+        context_px / feature_offset: geometry of the dense head, resolved at construction
+            (``None`` = measure it on the backbone, :func:`feature_geometry`): each tile is cut
+            with ``context_px = (before, after)`` pixels of real image around it, and the
+            stride-``cell_px`` feature map is read from index ``feature_offset`` on, so feature
+            ``j`` is centred in cell ``j`` (within half a pixel). ``(0, 0)`` / ``0`` for pooled.
     """
 
     backbone: str = "inception_resnet_v2"
@@ -96,6 +121,9 @@ class RootQuantConfig:
     init_presence_logit: float = -2.0
     backbone_weights_uri: str | None = None
     backbone_weights_sha256: str | None = None
+    head: str = "dense"
+    context_px: tuple[int, int] | None = None
+    feature_offset: int | None = None
 
 
 @dataclasses.dataclass
@@ -143,8 +171,14 @@ def to_model_scale(image: np.ndarray, *, dpi: float, mm_per_px: float) -> np.nda
 
 
 def tile_image(image: np.ndarray, *, tile_px: int, fill: Sequence[int] = (0, 0, 0),
-               offset: tuple[int, int] = (0, 0)) -> np.ndarray:
+               offset: tuple[int, int] = (0, 0),
+               context: tuple[int, int] = (0, 0)) -> np.ndarray:
     """Cut a ``(H, W, 3)`` uint8 image into non-overlapping tiles ``(N, 3, tile_px, tile_px)``.
+
+    With ``context = (before, after)`` every tile comes with that many pixels of the image
+    around it (``(N, 3, before + tile_px + after, ...)``): the *cores* still do not overlap
+    (each pixel is counted in exactly one tile), the context only feeds the receptive fields of
+    the border cells. Outside the image the context is ``fill``.
 
     Args:
         image: image already at the model scale.
@@ -155,13 +189,119 @@ def tile_image(image: np.ndarray, *, tile_px: int, fill: Sequence[int] = (0, 0, 
     """
     h, w = image.shape[:2]
     dy, dx = offset
+    before, after = (int(c) for c in context)
     nty = max(1, math.ceil((h + dy) / tile_px))
     ntx = max(1, math.ceil((w + dx) / tile_px))
-    canvas = np.empty((nty * tile_px, ntx * tile_px, 3), np.uint8)
+    canvas = np.empty((before + nty * tile_px + after, before + ntx * tile_px + after, 3),
+                      np.uint8)
     canvas[:] = np.asarray(fill, np.uint8)
-    canvas[dy:dy + h, dx:dx + w] = image
-    tiles = canvas.reshape(nty, tile_px, ntx, tile_px, 3).transpose(0, 2, 4, 1, 3)
-    return np.ascontiguousarray(tiles.reshape(nty * ntx, 3, tile_px, tile_px))
+    canvas[before + dy:before + dy + h, before + dx:before + dx + w] = image
+    if before == 0 and after == 0:
+        tiles = canvas.reshape(nty, tile_px, ntx, tile_px, 3).transpose(0, 2, 4, 1, 3)
+        return np.ascontiguousarray(tiles.reshape(nty * ntx, 3, tile_px, tile_px))
+    side = before + tile_px + after
+    out = np.empty((nty * ntx, 3, side, side), np.uint8)
+    for i in range(nty):
+        for j in range(ntx):
+            win = canvas[i * tile_px:i * tile_px + side, j * tile_px:j * tile_px + side]
+            out[i * ntx + j] = win.transpose(2, 0, 1)
+    return out
+
+
+def image_area_mm2(shape: Sequence[int], mm_per_px: float) -> float:
+    """Area in mm2 of an image of ``shape`` (H, W, ...) at the model scale."""
+    return float(shape[0]) * float(shape[1]) * float(mm_per_px) ** 2
+
+
+_GEOMETRY: dict[tuple[Any, ...], tuple[int, int, int]] = {}
+
+
+def _receptive_field(backbone: nn.Module, sub: nn.Module, size: int) -> tuple[int, int, int]:
+    """Rows ``[lo, hi]`` of a ``size`` px input that the middle feature ``j`` of ``sub`` depends
+    on (non-zero input gradient), and ``j``."""
+    bb: Any = backbone
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        x = torch.randn(1, 3, size, size, requires_grad=True)
+    p0 = [p.requires_grad for p in backbone.parameters()]
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            bb.forward_features(x)
+            fmap = _take_output(sub)
+            j = int(fmap.shape[-1]) // 2
+            fmap[0, :, j, j].sum().backward()
+    finally:
+        for p, r in zip(backbone.parameters(), p0, strict=True):
+            p.requires_grad_(r)
+        for m in backbone.modules():
+            m.__dict__.pop("_rootquant_output", None)
+    grad = x.grad[0].abs().sum(dim=(0, 2)) if x.grad is not None else torch.zeros(size)
+    nz = torch.nonzero(grad > 0).flatten()
+    if len(nz) == 0:
+        raise ValueError("cannot locate the backbone's features: zero input gradient")
+    return int(nz.min()), int(nz.max()), j
+
+
+def feature_geometry(backbone: nn.Module, module: str, *, cell_px: int, tile_px: int,
+                     key: tuple[Any, ...] | None = None) -> tuple[int, int, int]:
+    """Where the stride-``cell_px`` features of ``backbone`` sit in the input, measured.
+
+    The gradient of one interior feature (summed over channels) with respect to the input is
+    non-zero exactly on its receptive field; on a probe input large enough to hold all of it
+    (doubled until it does: 592 px for inception_resnet_v2, whose stride-8 features see 383 px),
+    the midpoint of that support, minus ``cell_px`` times the feature's index, is the input
+    position ``a0`` the first feature is centred on.
+    Cell ``j`` of a tile is centred at ``(j + 0.5) * cell_px - 0.5``, so a tile cut with
+    ``before`` pixels of context and features read from index ``k`` on line up when
+    ``a0 + cell_px * k - before`` is that centre (to the nearest pixel), with at least one cell
+    of real context before the tile; ``after`` is the least context that leaves ``k + g + 1``
+    features (one spare cell after it). The receptive fields of border cells reach past the
+    context into padding, so their gradient's weighted centre is pulled inward by a few pixels:
+    measured on inception_resnet_v2 it stays inside the cell, corners included
+    (``test_inception_cell_features_are_centred_in_their_cells``). Returns ``(before, after, k)``; ``(0, 0, 0)``-like
+    for 'same'-padded backbones, a real margin for 'valid' ones (inception_resnet_v2).
+    Cached per ``key`` (the result does not depend on the weights).
+    """
+    if key is not None and key in _GEOMETRY:
+        return _GEOMETRY[key]
+    sub = backbone.get_submodule(module)
+    bb: Any = backbone
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        size, a0 = tile_px, None
+        while a0 is None:  # grow the probe until the receptive field fits inside it
+            lo, hi, j = _receptive_field(backbone, sub, size)
+            if (lo > 0 and hi < size - 1) or size >= 4096:
+                a0 = (lo + hi) / 2.0 - cell_px * j
+            size *= 2
+        centre = (cell_px - 1) / 2.0
+        k = 0
+        while round(a0 + cell_px * k - centre) < cell_px:  # at least one cell of context
+            k += 1
+        before = int(round(a0 + cell_px * k - centre))
+        g = tile_px // cell_px
+        after = 0
+        with torch.no_grad():
+            for _ in range(8):
+                side = before + tile_px + after
+                bb.forward_features(torch.zeros(1, 3, side, side))
+                have = int(_take_output(sub).shape[-1])
+                if have >= k + g + 1:  # and one spare feature after the last cell
+                    break
+                after += cell_px * (k + g + 1 - have)
+            else:  # pragma: no cover - a backbone whose map does not grow with its input
+                raise ValueError(f"{module!r} does not give {k + g} features for any context")
+    finally:
+        backbone.train(was_training)
+        for m in backbone.modules():
+            m.__dict__.pop("_rootquant_output", None)
+    out = (before, after, k)
+    if key is not None:
+        _GEOMETRY[key] = out
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,11 +338,49 @@ class DensityHead(nn.Module):
         return self.out(self.drop(F.gelu(self.mix(F.gelu(x + c)))))
 
 
+class PooledHead(nn.Module):
+    """The seed's head: global average pooling of the last feature map, then a small MLP with
+    two outputs per tile (raw length, raw area). Returned as ``(N, 3, 1, 1)`` maps of one cell
+    per tile whose presence logit is a constant "present", so the hurdle algebra, the tile sums
+    and the losses are shared with the dense head (amount = ``softplus(a) * unit``, unit from
+    the whole tile: :func:`cell_units`)."""
+
+    def __init__(self, channels: int, *, hidden: int = 256, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc = nn.Linear(channels, hidden)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.out = nn.Linear(hidden, 2)
+        with torch.no_grad():
+            self.out.weight.mul_(0.1)
+            self.out.bias.zero_()
+
+    def forward(self, coarse: torch.Tensor) -> torch.Tensor:
+        a = self.out(self.drop(F.gelu(self.fc(coarse.mean(dim=(2, 3))))))
+        z = a.new_full((a.shape[0], 1), _POOLED_PRESENCE)
+        return torch.cat([z, a], dim=1)[:, :, None, None]
+
+
 def cell_units(config: RootQuantConfig) -> tuple[float, float]:
     """Units of the cell amounts ``(mm, mm2)``: half a cell side of length and a fifth of a
-    cell of area, so a typical rooted cell holds 1-2 units at any ``mm_per_px``."""
-    side_mm = config.cell_px * config.mm_per_px
+    cell of area, so a typical rooted cell holds 1-2 units at any ``mm_per_px``. For the pooled
+    head the "cell" is the whole tile."""
+    side_px = config.cell_px if config.head == "dense" else int(config.tile_px or config.cell_px)
+    side_mm = side_px * config.mm_per_px
     return 0.5 * side_mm, 0.2 * side_mm * side_mm
+
+
+def presence_from_density(length_mm: torch.Tensor, image_area_mm2: torch.Tensor,
+                          calib: torch.Tensor) -> torch.Tensor:
+    """Image presence logit from the predicted root length *per mm2 of image*:
+    ``exp(calib[0]) * (log(length / area + eps) - calib[1])``.
+
+    An intensive quantity, so the same scene statistics give the same presence on a 224 x 256
+    frame and on a 56-tile scan (the maximum over cells grew with the number of cells). It
+    agrees with the amounts by construction: presence > 0.5 iff the length density exceeds
+    ``exp(calib[1])``; both calibration numbers are learnt by the presence loss.
+    """
+    density = length_mm.clamp(min=0) / image_area_mm2.clamp(min=1e-9)
+    return torch.exp(calib[0]) * (torch.log(density + _DENSITY_EPS) - calib[1])
 
 
 def cell_amounts(cell_raw: torch.Tensor, units: tuple[float, float]) -> torch.Tensor:
@@ -230,7 +408,8 @@ def aggregate_tiles(tile_summary: torch.Tensor, image_index: torch.Tensor, n_ima
 
     Returns:
         ``(length (B,), area (B,), presence_logit (B,))`` in mm and mm2. The image's presence
-        logit is its most certain cell's (the max over its tiles). An image with no tiles gets
+        logit is its most certain cell's (the max over its tiles; kept for diagnostics: the
+        model's image presence is :meth:`RootQuant.image_presence_logit`). An image with no tiles gets
         length 0 and a very negative logit.
     """
     sums = tile_summary.new_zeros((n_images, 2)).index_add(0, image_index, tile_summary[:, :2])
@@ -350,6 +529,8 @@ class RootQuant(nn.Module):
         import timm
 
         cfg = config or RootQuantConfig()
+        if cfg.head not in HEADS:
+            raise ValueError(f"model.head must be one of {', '.join(HEADS)}; got {cfg.head!r}")
         # pretrained=False always: weights only ever come from a URI the user gives.
         self.backbone = timm.create_model(cfg.backbone, pretrained=False, num_classes=0)
         pcfg = dict(getattr(self.backbone, "pretrained_cfg", {}) or {})
@@ -369,21 +550,54 @@ class RootQuant(nn.Module):
             raise ValueError(f"tile_px={tile_px} must be a multiple of cell_px={cfg.cell_px}")
         mean = _rgb(cfg.mean or pcfg.get("mean", (0.485, 0.456, 0.406)))
         std = _rgb(cfg.std or pcfg.get("std", (0.229, 0.224, 0.225)))
-        self.config = dataclasses.replace(cfg, tile_px=tile_px, mean=mean, std=std)  # resolved
-        self.units = cell_units(self.config)
-        self.head = DensityHead(int(fine[-1]["num_chs"]), int(info[-1]["num_chs"]),
-                                hidden=cfg.head_hidden, dropout=cfg.dropout,
-                                init_presence=cfg.init_presence_logit)
         for name in self._feature_modules:
             self.backbone.get_submodule(name).register_forward_hook(_keep_output)
+        if cfg.head == "pooled":
+            context, offset = (0, 0), 0
+        elif cfg.context_px is not None and cfg.feature_offset is not None:
+            context, offset = (int(cfg.context_px[0]), int(cfg.context_px[1])), int(cfg.feature_offset)
+        else:
+            before, after, offset = feature_geometry(
+                self.backbone, self._feature_modules[0], cell_px=cfg.cell_px, tile_px=tile_px,
+                key=(cfg.backbone, self._feature_modules[0], cfg.cell_px, tile_px))
+            context = (before, after)
+        self.config = dataclasses.replace(cfg, tile_px=tile_px, mean=mean, std=std,
+                                          context_px=context, feature_offset=offset)  # resolved
+        self.units = cell_units(self.config)
+        self.head: nn.Module
+        if cfg.head == "pooled":
+            self.head = PooledHead(int(info[-1]["num_chs"]), hidden=cfg.head_hidden,
+                                   dropout=cfg.dropout)
+        else:
+            self.head = DensityHead(int(fine[-1]["num_chs"]), int(info[-1]["num_chs"]),
+                                    hidden=cfg.head_hidden, dropout=cfg.dropout,
+                                    init_presence=cfg.init_presence_logit)
+        # image presence from the length density: [log scale, log threshold density (mm/mm2)]
+        self.presence_calib = nn.Parameter(torch.tensor([math.log(2.0), math.log(1e-3)]))
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.meta: dict[str, Any] = {}
 
     @property
     def grid(self) -> int:
-        """Cells per tile side (``tile_px // cell_px``)."""
-        return self.tile_px // self.config.cell_px
+        """Cells per tile side (``tile_px // cell_px``; 1 for the pooled head)."""
+        return self.tile_px // self.config.cell_px if self.config.head == "dense" else 1
+
+    @property
+    def label_cell_px(self) -> int:
+        """Side of the cells the head's outputs cover (``cell_px``, or the tile when pooled)."""
+        return self.config.cell_px if self.config.head == "dense" else self.tile_px
+
+    @property
+    def context(self) -> tuple[int, int]:
+        """Pixels of image cut around every tile ``(before, after)`` (see :func:`tile_image`)."""
+        c = self.config.context_px or (0, 0)
+        return int(c[0]), int(c[1])
+
+    @property
+    def input_px(self) -> int:
+        """Side of the network's input per tile: the tile plus its context."""
+        return self.tile_px + sum(self.context)
 
     # -- input ---------------------------------------------------------------------------------
     @property
@@ -398,37 +612,82 @@ class RootQuant(nn.Module):
 
     def tiles_for(self, image: np.ndarray, *, dpi: float,
                   offset: tuple[int, int] = (0, 0)) -> np.ndarray:
-        """uint8 ``(N, 3, t, t)`` tiles of ``image`` at this model's calibrated input scale."""
+        """uint8 ``(N, 3, s, s)`` tiles (with context, ``s = input_px``) of ``image`` at this
+        model's calibrated input scale."""
+        return self.prepare(image, dpi=dpi, offset=offset)[0]
+
+    def prepare(self, image: np.ndarray, *, dpi: float,
+                offset: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, float]:
+        """``(tiles, image area in mm2)``: what :meth:`forward` needs for one image."""
         scaled = to_model_scale(image, dpi=dpi, mm_per_px=self.config.mm_per_px)
-        return tile_image(scaled, tile_px=self.tile_px, fill=self.fill, offset=offset)
+        return self.tiles_of_scaled(scaled, offset=offset), image_area_mm2(
+            scaled.shape, self.config.mm_per_px)
+
+    def tiles_of_scaled(self, scaled: np.ndarray, *,
+                        offset: tuple[int, int] = (0, 0)) -> np.ndarray:
+        """Tiles (with context) of an image already at the model scale."""
+        return tile_image(scaled, tile_px=self.tile_px, fill=self.fill, offset=offset,
+                          context=self.context)
+
+    def image_presence_logit(self, length_mm: torch.Tensor,
+                             image_area_mm2: torch.Tensor) -> torch.Tensor:
+        """Per-image presence logit from summed length and image area
+        (:func:`presence_from_density`)."""
+        return presence_from_density(length_mm, image_area_mm2.to(length_mm),
+                                     self.presence_calib.float().to(length_mm.device))
 
     # -- forward -------------------------------------------------------------------------------
     def forward_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
         """uint8 or float-in-[0, 255] ``(N, 3, t, t)`` -> raw cell maps ``(N, 3, g, g)``
         (presence logit, raw length, raw area; :func:`cell_amounts` turns them into mm/mm2)."""
+        if tiles.shape[-1] != self.input_px or tiles.shape[-2] != self.input_px:
+            raise ValueError(f"tiles of {tuple(tiles.shape[-2:])} px do not fit this model "
+                             f"(tile {self.tile_px} px + context {self.context} = "
+                             f"{self.input_px} px); cut them with tiles_for()")
         x = (tiles.to(self.mean.dtype) / 255.0 - self.mean) / self.std
         backbone: Any = self.backbone  # a timm model: forward_features is not on nn.Module
         backbone.forward_features(x)
         fine, coarse = (_take_output(backbone.get_submodule(n))
                         for n in self._feature_modules)
+        if self.config.head == "pooled":
+            return self.head(coarse).float()
         raw = self.head(fine, coarse).float()
-        g = self.grid
-        if raw.shape[-2:] != (g, g):  # backbones with 'valid' convolutions (inception)
-            raw = F.interpolate(raw, size=(g, g), mode="bilinear", align_corners=False)
-        return raw
+        g, k = self.grid, int(self.config.feature_offset or 0)
+        if raw.shape[-1] < k + g or raw.shape[-2] < k + g:
+            raise ValueError(f"the backbone gave a {tuple(raw.shape[-2:])} feature map; "
+                             f"cells {k}..{k + g - 1} were expected")
+        return raw[:, :, k:k + g, k:k + g]  # feature j is centred in cell j (feature_geometry)
 
     def summarize(self, cell_raw: torch.Tensor) -> torch.Tensor:
         """Raw cell maps -> ``(N, 3)`` tile length, area, highest presence logit."""
         return summarize_tiles(cell_raw, self.units)
 
-    def forward(self, tiles: torch.Tensor, image_index: torch.Tensor,
-                n_images: int) -> RootQuantOutput:
-        """Tiles of B images -> per-image :class:`RootQuantOutput` (cells and tiles summed)."""
+    def forward(self, tiles: torch.Tensor, image_index: torch.Tensor | None = None,
+                n_images: int = 0, image_area_mm2: torch.Tensor | None = None) -> Any:
+        """Tiles of B images -> per-image :class:`RootQuantOutput` (cells and tiles summed).
+
+        ``image_area_mm2`` (B,) is each image's area at the model scale (``prepare``); without
+        it an image counts as the area of its tiles (padding included). Without
+        ``image_index`` it returns the raw cell maps of the tiles (:meth:`forward_tiles`): the
+        micro-batches of training go through ``forward`` so DDP sees every pass."""
         raw = self.forward_tiles(tiles)
-        length, area, logit = aggregate_tiles(self.summarize(raw), image_index.to(raw.device),
-                                              n_images)
+        if image_index is None:
+            return raw
+        return self.images_from_summary(self.summarize(raw), image_index.to(raw.device),
+                                        n_images, image_area_mm2, tile_raw=raw)
+
+    def images_from_summary(self, summary: torch.Tensor, image_index: torch.Tensor,
+                            n_images: int, image_area_mm2: torch.Tensor | None = None, *,
+                            tile_raw: torch.Tensor | None = None) -> RootQuantOutput:
+        """Per-tile summaries -> per-image outputs (sums, and presence from the density)."""
+        length, area, _ = aggregate_tiles(summary, image_index, n_images)
+        if image_area_mm2 is None:
+            tile_mm2 = (self.tile_px * self.config.mm_per_px) ** 2
+            image_area_mm2 = summary.new_zeros(n_images).index_add(
+                0, image_index, summary.new_full((len(summary),), tile_mm2))
+        logit = self.image_presence_logit(length, image_area_mm2)
         return RootQuantOutput(length_mm=length, area_mm2=area, presence_logit=logit,
-                               tile_raw=raw)
+                               tile_raw=summary if tile_raw is None else tile_raw)
 
     # -- fine-tuning helpers -------------------------------------------------------------------
     def set_backbone_trainable(self, trainable: bool) -> None:
@@ -464,7 +723,8 @@ class RootQuant(nn.Module):
         c = self.config
         return {"backbone": c.backbone, "mm_per_px": c.mm_per_px, "tile_px": c.tile_px,
                 "cell_px": c.cell_px, "aggregation": "sum_of_cells_and_tiles",
-                "head": "hurdle_density",
+                "head": c.head, "context_px": list(self.context),
+                "presence": "length_density",
                 "sha256": self.meta.get("sha256")}
 
 
@@ -538,6 +798,27 @@ def save(model: RootQuant, uri: str, *, meta: Mapping[str, Any] | None = None,
     return checkpoint.save(obj, uri, storage_options=storage_options)
 
 
+def _checked(data: bytes, uri: str) -> Mapping[str, Any]:
+    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    got = obj.get("format") if isinstance(obj, Mapping) else type(obj).__name__
+    if got in OLD_FORMATS:
+        raise RootQuantFormatError(
+            f"{uri} is a RootQuant checkpoint of the old format {got!r}; this rootflow reads "
+            f"{CHECKPOINT_FORMAT!r} (tiles with context, head option, density presence). "
+            f"Retrain it with `rootflow train rootquant` (--head pooled for the seed's model)")
+    if not isinstance(obj, Mapping) or got != CHECKPOINT_FORMAT:
+        raise RootQuantFormatError(f"{uri} is not a RootQuant checkpoint (format {got!r}, "
+                                   f"expected {CHECKPOINT_FORMAT!r})")
+    return obj
+
+
+def checkpoint_format(uri: str, *, sha256: str | None = None,
+                      storage_options: storage.StorageLike = None) -> str:
+    """The file's format if this code reads it; :class:`RootQuantFormatError` otherwise."""
+    data = checkpoint.read_verified(uri, sha256=sha256, storage_options=storage_options)
+    return str(_checked(data, uri)["format"])
+
+
 def load(uri: str, *, sha256: str | None = None,
          storage_options: storage.StorageLike = None) -> RootQuant:
     """Load a RootQuant checkpoint (sha256 checked before unpickling, ``weights_only``, strict).
@@ -546,11 +827,7 @@ def load(uri: str, *, sha256: str | None = None,
     bytes, so every output row names exactly the weights that produced it.
     """
     data = checkpoint.read_verified(uri, sha256=sha256, storage_options=storage_options)
-    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    if not isinstance(obj, Mapping) or obj.get("format") != CHECKPOINT_FORMAT:
-        got = obj.get("format") if isinstance(obj, Mapping) else type(obj).__name__
-        raise ValueError(f"{uri} is not a RootQuant checkpoint (format {got!r}, "
-                         f"expected {CHECKPOINT_FORMAT!r})")
+    obj = _checked(data, uri)
     cfg = _config.from_dict(RootQuantConfig, obj["config"])
     model = RootQuant(cfg)
     checkpoint.load_state_dict_strict(model, obj["state_dict"], what=f"RootQuant({cfg.backbone})")

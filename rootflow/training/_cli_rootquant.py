@@ -17,7 +17,7 @@ def build_config(*, config: str | None, overrides: list[str], labels: str | None
                  default_dpi: float | None, init_from: str | None, backbone: str | None,
                  epochs: int | None, workers: int | None, gpu: bool | None,
                  storage_path: str | None, name: str | None,
-                 head_only_epochs: int | None) -> object:
+                 head_only_epochs: int | None, head: str | None = None) -> object:
     """The run's config: YAML, then shortcut flags, then ``--set`` overrides (last wins)."""
     from rootflow import config as cfglib
     from rootflow.training.rootquant_task import RootQuantTrainConfig
@@ -27,7 +27,7 @@ def build_config(*, config: str | None, overrides: list[str], labels: str | None
                  ("init_from", init_from), ("model.backbone", backbone), ("run.epochs", epochs),
                  ("run.num_workers", workers), ("run.use_gpu", gpu),
                  ("run.storage_path", storage_path), ("run.name", name),
-                 ("optim.head_only_epochs", head_only_epochs)]
+                 ("optim.head_only_epochs", head_only_epochs), ("model.head", head)]
     sets = [f"{k}={'true' if v is True else 'false' if v is False else v}"
             for k, v in shortcuts if v is not None]
     return cfglib.load(RootQuantTrainConfig, config, [*sets, *overrides])
@@ -45,6 +45,7 @@ def register(train: typer.Typer) -> None:
         default_dpi: float | None = typer.Option(None, help="dpi for labels that have none."),
         init_from: str | None = typer.Option(None, help="RootQuant checkpoint to fine-tune from."),
         backbone: str | None = typer.Option(None, help="timm backbone for a fresh model."),
+        head: str | None = typer.Option(None, help="dense (hurdle density map over cells) | pooled (the seed's model: global pooling, two outputs, Huber)."),
         epochs: int | None = typer.Option(None),
         head_only_epochs: int | None = typer.Option(None, help="Epochs with the backbone frozen first."),
         workers: int | None = typer.Option(None, help="Ray Train workers."),
@@ -61,13 +62,16 @@ def register(train: typer.Typer) -> None:
         import json
 
         from rootflow import config as cfglib
-        from rootflow.io._cli import storage_from_cli
+        from rootflow.io._cli import cli_error, storage_from_cli
+        from rootflow.models.rootquant import HEADS
 
+        if head is not None and head not in HEADS:
+            raise cli_error(f"--head must be one of {', '.join(HEADS)}; got {head!r}")
         cfg = build_config(config=config, overrides=set_, labels=labels, source=source,
                            manifest=manifest, image_column=image_column,
                            default_dpi=default_dpi, init_from=init_from, backbone=backbone,
                            epochs=epochs, workers=workers, gpu=gpu, storage_path=storage_path,
-                           name=name, head_only_epochs=head_only_epochs)
+                           name=name, head_only_epochs=head_only_epochs, head=head)
         typer.echo(cfglib.dump(cfg))
         if print_config:
             return
@@ -75,6 +79,14 @@ def register(train: typer.Typer) -> None:
         from rootflow.training.rootquant_task import train
 
         so = storage_from_cli(storage_option)
+        if cfg.init_from:  # type: ignore[attr-defined]
+            from rootflow.models.rootquant import RootQuantFormatError, checkpoint_format
+
+            try:  # an old or foreign checkpoint: one line here, not a trace from a Ray worker
+                checkpoint_format(cfg.init_from, sha256=cfg.init_sha256,  # type: ignore[attr-defined]
+                                  storage_options=so)
+            except (RootQuantFormatError, FileNotFoundError) as e:
+                raise cli_error(e) from None
         init_ray(address)
         result = train(cfg, storage_options=so)  # type: ignore[arg-type]
         typer.echo(json.dumps({"export_uri": result.export_uri, "best_epoch": result.best_epoch,

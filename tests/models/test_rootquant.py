@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -170,14 +171,39 @@ def test_same_scene_at_two_dpi_gives_comparable_mm(tiny: rq.RootQuant) -> None:
     assert hi_out.area_mm2.item() == pytest.approx(lo_out.area_mm2.item(), rel=0.05)
     # A model that ignored dpi would see 4x the tiles in the high-resolution image.
     assert len(tiny.tiles_for(hi, dpi=203.2)) == len(tiny.tiles_for(img, dpi=101.6))
+    # And the agreement above is not one any input would give: the same high-resolution pixels
+    # declared at the wrong dpi (101.6) reach the network at twice the scale and disagree.
+    wrong = _predict(tiny, hi, 101.6)
+    assert wrong.length_mm.item() != pytest.approx(lo_out.length_mm.item(), rel=0.05)
+    assert len(tiny.tiles_for(hi, dpi=101.6)) > len(tiny.tiles_for(img, dpi=101.6))
 
 
 def test_outputs_are_additive_over_tiles(tiny: rq.RootQuant) -> None:
+    """Two *different* tiles side by side give the sum of their outputs (guards against a
+    whole-image pooling that would mix tiles; two identical tiles could not tell 2x from a sum)."""
     img, _, _, _ = root_image(5, height=64, width=64, empty=False)
-    one = _predict(tiny, img, 25.4 / 0.5)  # exactly the model scale: one tile
-    two = _predict(tiny, np.concatenate([img, img], axis=1), 25.4 / 0.5)
-    assert two.length_mm.item() == pytest.approx(2 * one.length_mm.item(), rel=1e-4)
-    assert two.area_mm2.item() == pytest.approx(2 * one.area_mm2.item(), rel=1e-4)
+    other = np.full_like(img, 255)  # a bright root-free tile (the random tiny net barely
+    # reacts to content, so the two tiles must differ a lot for the sum to be testable)
+    a = _predict(tiny, img, 25.4 / 0.5)  # exactly the model scale: one tile
+    b = _predict(tiny, other, 25.4 / 0.5)
+    tol = 1e-3
+    assert abs(a.area_mm2.item() - b.area_mm2.item()) > 10 * tol  # 2a is not a+b within tol
+    assert abs(a.length_mm.item() - b.length_mm.item()) > 2 * tol
+    # a tile of padding colour between them, so that the outer tiles' context is padding as when
+    # alone (tiles carry real neighbouring pixels as context: touching tiles differ slightly)
+    gap = np.empty_like(img)
+    gap[:] = np.asarray(tiny.fill, np.uint8)
+    three = np.concatenate([img, gap, other], axis=1)
+    total = _predict(tiny, three, 25.4 / 0.5)
+    with torch.no_grad():
+        per_tile = tiny.summarize(tiny.forward_tiles(
+            torch.from_numpy(tiny.tiles_for(three, dpi=25.4 / 0.5))))
+    assert per_tile[0, 0].item() == pytest.approx(a.length_mm.item(), abs=tol)
+    assert per_tile[2, 0].item() == pytest.approx(b.length_mm.item(), abs=tol)
+    assert per_tile[0, 1].item() == pytest.approx(a.area_mm2.item(), abs=tol)
+    assert per_tile[2, 1].item() == pytest.approx(b.area_mm2.item(), abs=tol)
+    assert total.length_mm.item() == pytest.approx(per_tile[:, 0].sum().item(), abs=tol)
+    assert total.area_mm2.item() == pytest.approx(per_tile[:, 1].sum().item(), abs=tol)
 
 
 # -- checkpoints --------------------------------------------------------------------------------
@@ -215,12 +241,12 @@ def test_checkpoint_sha_mismatch_and_bad_files(tmp_path, tiny: rq.RootQuant) -> 
 def test_checkpoint_round_trip_s3(s3, tiny: rq.RootQuant) -> None:
     uri = s3.fresh_prefix("rootquant") + "/model.pt"
     sha = rq.save(tiny, uri, storage_options=s3.storage)
-    back = rq.load(uri, sha256=sha[:16], storage_options=s3.storage)
+    back = rq.load(uri, sha256=sha, storage_options=s3.storage)
     assert back.version == f"rootquant@{sha[:12]}"
     for k, v in tiny.state_dict().items():
         assert torch.equal(v, back.state_dict()[k]), k
     with pytest.raises(checkpoint.ChecksumError):
-        rq.load(uri, sha256="deadbeefdeadbeef", storage_options=s3.storage)
+        rq.load(uri, sha256="deadbeef" * 8, storage_options=s3.storage)
 
 
 def test_backbone_weights_from_uri_drop_classifier(tmp_path) -> None:
@@ -257,12 +283,127 @@ def test_registry_factories() -> None:
     assert out.tile_raw.shape == (1, 3, 8, 8)  # 64 px tile, 8 px cells
 
 
+@pytest.mark.slow
 def test_inception_resnet_v2_builds_and_runs_one_tile() -> None:
+    """The default backbone builds offline and its valid-padded stride-8 map covers exactly the
+    37 x 37 cells of a 296 px tile once the tile carries its measured context (no stretching)."""
     model = rq.RootQuant().eval()
     assert model.config.backbone == "inception_resnet_v2" and model.tile_px == 296  # 37 cells
     assert model.config.mean == (0.5, 0.5, 0.5)
     assert sum(p.numel() for p in model.parameters()) > 50_000_000
     img = np.full((250, 250, 3), 120, np.uint8)  # 250 px at 254 dpi -> one 296 px tile
     out = _predict(model, img, 254.0)
-    # inception's 'valid' convolutions give a 34 x 34 stride-8 map: resampled to the 37 cells
     assert out.tile_raw.shape == (1, 3, 37, 37) and torch.isfinite(out.length_mm).all()
+
+
+@pytest.mark.slow
+def test_inception_cell_features_are_centred_in_their_cells() -> None:
+    """Guards the misalignment of the first design (a 34 x 34 valid-padded stride-8 map
+    stretched onto 37 x 37 cells): on the real inception_resnet_v2 (random init), the
+    |input gradient|-weighted centre of the feature that the head reads for cell (i, j) must lie
+    inside that cell of the tile, for cells across the whole grid, all four corners included."""
+    torch.manual_seed(0)
+    model = rq.RootQuant().eval()
+    before, _ = model.context
+    k, g, c = int(model.config.feature_offset or 0), model.grid, model.config.cell_px
+    sub = model.backbone.get_submodule(model._feature_modules[0])
+    x = torch.randn(1, 3, model.input_px, model.input_px, requires_grad=True)
+    bb: object = model.backbone
+    bb.forward_features(x)  # type: ignore[attr-defined]
+    fmap = rq._take_output(sub)
+    rq._take_output(model.backbone.get_submodule(model._feature_modules[1]))
+    for ci, cj in [(0, 0), (0, g - 1), (g - 1, 0), (g - 1, g - 1), (g // 2, g // 2), (3, 11)]:
+        (grad,) = torch.autograd.grad(fmap[0, :, k + ci, k + cj].sum(), x, retain_graph=True)
+        w = grad[0].abs().sum(dim=0)
+        pos = torch.arange(w.shape[0], dtype=w.dtype)
+        # |gradient|-weighted centre in tile coordinates (context removed)
+        cy = float((w.sum(dim=1) * pos).sum() / w.sum()) - before
+        cx = float((w.sum(dim=0) * pos).sum() / w.sum()) - before
+        assert c * ci <= cy < c * (ci + 1) and c * cj <= cx < c * (cj + 1), (ci, cj, cy, cx)
+
+
+def test_tile_context_is_real_neighbouring_image() -> None:
+    """Tiles with context must keep non-overlapping cores (each pixel counted once) and carry
+    the image's own neighbouring pixels as context (fill only outside the image)."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    plain = rq.tile_image(img, tile_px=16, fill=(7, 7, 7), offset=(3, 5))
+    ctx = rq.tile_image(img, tile_px=16, fill=(7, 7, 7), offset=(3, 5), context=(4, 6))
+    assert ctx.shape == (len(plain), 3, 26, 26)
+    assert np.array_equal(ctx[:, :, 4:20, 4:20], plain)
+    ntx = math.ceil((70 + 5) / 16)
+    # tile (1, 1)'s context above it is the bottom of tile (0, 1)'s core
+    assert np.array_equal(ctx[ntx + 1, :, :4, 4:20], plain[1, :, 12:16, :])
+    assert (ctx[0, :, :4] == 7).all()  # above the image: fill
+
+
+def test_image_presence_does_not_drift_with_frame_size() -> None:
+    """Guards presence = the most certain cell's logit, which rises with the number of cells
+    (a 56-tile scan would be called "rooted" more often than the 224 x 256 frames it was
+    trained on): on frames of one stationary texture at two sizes (16x the area), the image
+    presence must agree, while the max-cell logit of the old definition moves."""
+    torch.manual_seed(0)
+    model = rq.RootQuant(TINY).eval()
+    with torch.no_grad():  # random weights, but cells that disagree (the head starts flat)
+        model.head.out.weight.normal_(0.0, 1.0)
+    rng = np.random.default_rng(3)
+    texture = np.clip(rng.normal(110, 40, (512, 512, 3)), 0, 255).astype(np.uint8)
+    dpi = 25.4 / 0.5  # native = model scale
+    res = {}
+    for side in (128, 512):
+        tiles, area = model.prepare(texture[:side, :side], dpi=dpi)
+        with torch.no_grad():
+            raw = model.forward_tiles(torch.from_numpy(tiles))
+            out = model.images_from_summary(model.summarize(raw),
+                                            torch.zeros(len(tiles), dtype=torch.long), 1,
+                                            torch.tensor([area]))
+        if side == 128:  # calibrate so the small frame sits at p = 0.5 (not saturated)
+            with torch.no_grad():
+                density = out.length_mm / torch.tensor([area])
+                model.presence_calib[1] = torch.log(density + 1e-6)[0]
+            out = model.images_from_summary(model.summarize(raw),
+                                            torch.zeros(len(tiles), dtype=torch.long), 1,
+                                            torch.tensor([area]))
+        res[side] = (float(out.presence_logit[0]), float(raw[:, 0].max()))
+    (z_small, max_small), (z_big, max_big) = res[128], res[512]
+    assert z_small == pytest.approx(0.0, abs=1e-4)
+    assert abs(z_big - z_small) < 0.1, res  # p within 0.025 of 0.5
+    assert max_big > max_small, res  # the old definition can only rise with more cells
+
+
+def test_pooled_head_is_the_seeds_model(tmp_path) -> None:
+    """``head=pooled``: one global-pooled dual output per tile (no cell maps, no context), sums
+    over tiles, trains under the same losses, and its checkpoints carry the head so they load
+    as pooled models and not as dense ones."""
+    torch.manual_seed(0)
+    model = rq.RootQuant(dataclasses.replace(TINY, head="pooled")).eval()
+    assert model.context == (0, 0) and model.grid == 1 and isinstance(model.head, rq.PooledHead)
+    img = root_image(4, empty=False)[0]
+    out = _predict(model, img, 100.0)
+    assert out.tile_raw.shape[1:] == (3, 1, 1)
+    twice = _predict(model, np.concatenate([img[:, :64], img[:, :64]], axis=1), 100.0)
+    once = _predict(model, img[:, :64], 100.0)
+    assert float(twice.length_mm) == pytest.approx(2 * float(once.length_mm), rel=1e-5)
+    uri = str(tmp_path / "pooled.pt")
+    rq.save(model, uri)
+    back = rq.load(uri)
+    assert back.config.head == "pooled" and isinstance(back.head, rq.PooledHead)
+    assert torch.equal(_predict(back.eval(), img, 100.0).length_mm, out.length_mm)
+    with pytest.raises(ValueError, match="model.head must be one of dense, pooled"):
+        rq.RootQuant(dataclasses.replace(TINY, head="global"))
+
+
+def test_old_checkpoint_formats_are_refused_by_name(tmp_path, tiny: rq.RootQuant) -> None:
+    """A /1 or /2 checkpoint (other geometry, other presence) must not load silently or with a
+    key dump: it gets RootQuantFormatError naming the old format and what to do."""
+    uri = str(tmp_path / "new.pt")
+    rq.save(tiny, uri)
+    obj = checkpoint.load(uri)
+    for fmt in rq.OLD_FORMATS:
+        obj["format"] = fmt
+        old = str(tmp_path / "old.pt")
+        checkpoint.save(obj, old)
+        with pytest.raises(rq.RootQuantFormatError, match=f"old format '{fmt}'.*Retrain"):
+            rq.load(old)
+        with pytest.raises(rq.RootQuantFormatError, match="old format"):
+            rq.checkpoint_format(old)

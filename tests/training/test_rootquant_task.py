@@ -130,3 +130,87 @@ def test_cli_resolves_config_from_flags_and_sets() -> None:
     bad = CliRunner().invoke(app, ["train", "rootquant", "--set", "optim.nope=1",
                                    "--print-config"])
     assert bad.exit_code != 0 and "nope" in str(bad.exception)
+
+
+def _grads(task: rqt.RootQuantTask, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+    task.optimizer.zero_grad(set_to_none=True)
+    task._step(*batch)
+    return {n: p.grad.clone() for n, p in task.net.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("head", ["dense", "pooled"])
+def test_micro_batched_step_is_exact_gradient_accumulation(label_csv, head) -> None:
+    """Guards the memory fix from changing what is learnt: a step cut into micro-batches of 3
+    tiles (two passes: summaries first, then each micro-batch back-propagates its share of the
+    image loss and of the cell loss) must give the same gradients as all tiles at once."""
+    torch.manual_seed(0)
+    cfg = _config(label_csv)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(TINY, head=head),
+                              data=dataclasses.replace(cfg.data, tile_labels=False))
+    task = rqt.RootQuantTask(cfg)
+    task.setup(_ctx(1))
+    task.net.eval()  # BatchNorm on running statistics: passes of any size compute the same
+    items = [task.train_set[i] for i in range(4)]
+    batch = rqt.collate(items)
+    n_tiles = len(batch[0])
+    g = task.net.grid
+    cell_y = torch.rand(n_tiles, 2, g, g)
+    cell_y[: n_tiles // 3] = float("nan")  # some tiles without cell labels
+    batch = (*batch[:4], cell_y, batch[5])
+    full = _grads(task, batch)
+    task.config = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, tile_batch=3))
+    assert n_tiles > 3
+    micro = _grads(task, batch)
+    assert full.keys() == micro.keys() and len(full) > 5
+    for k in full:
+        torch.testing.assert_close(micro[k], full[k], rtol=1e-4, atol=1e-6, msg=f"{k}: {micro[k]} {full[k]}")
+
+
+def test_streaming_keeps_no_images_and_defaults_pick_it(label_csv) -> None:
+    """Guards "every resampled image kept in memory per worker": with caching off (or a
+    training set above ``cache_max_images``, or loader workers) items are read when drawn and
+    nothing accumulates; small sets still cache."""
+    cfg = _config(label_csv)
+    small = rqt.RootQuantTask(cfg)
+    small.setup(_ctx(1))
+    assert small.train_set.cache
+    big = rqt.RootQuantTask(dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, cache_max_images=4)))
+    big.setup(_ctx(1))
+    assert not big.train_set.cache
+    for i in range(len(big.train_set)):
+        a = big.train_set[i]
+        assert np.array_equal(a[0], big.train_set[i][0])  # same item when read again
+    assert big.train_set._cache == {} and big.train_set._density == {}
+    m = big.train_epoch(0)
+    assert m["images_per_s"] > 0 and big.train_set._cache == {}
+
+
+def test_defaults_rank_by_length_r2_and_cli_head_flag(tmp_path) -> None:
+    """Checkpoints must be ranked by validation length R2 (val_loss picked R2 0.84 over 0.90);
+    ``--head pooled|dense`` must reach the config, a wrong head and an old-format
+    ``--init-from`` checkpoint must end in one error line with exit 2, not a traceback."""
+    from typer.testing import CliRunner
+
+    from rootflow.cli import app
+    from rootflow.models import checkpoint
+
+    run = rqt.RootQuantTrainConfig().run
+    assert (run.metric, run.mode) == ("val_length_r2", "max")
+    import yaml
+
+    res = CliRunner().invoke(app, ["train", "rootquant", "--head", "pooled", "--print-config"])
+    assert res.exit_code == 0, res.output
+    assert yaml.safe_load(res.output)["model"]["head"] == "pooled"
+    bad = CliRunner().invoke(app, ["train", "rootquant", "--head", "global"])
+    assert bad.exit_code == 2 and "--head must be one of dense, pooled" in bad.output
+    assert "Traceback" not in bad.output
+    uri = str(tmp_path / "old.pt")
+    rq.save(rq.RootQuant(TINY), uri)
+    obj = checkpoint.load(uri)
+    obj["format"] = "rootflow.rootquant/1"
+    checkpoint.save(obj, uri)
+    old = CliRunner().invoke(app, ["train", "rootquant", "--labels", "x.csv",
+                                   "--init-from", uri])
+    assert old.exit_code == 2, old.output
+    assert "old format 'rootflow.rootquant/1'" in old.output and "Traceback" not in old.output

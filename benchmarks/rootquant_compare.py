@@ -1,0 +1,243 @@
+#!/usr/bin/env python
+"""RootQuant studies on the CPU test backbone, same data and step budget per cell of a table.
+
+``--study heads`` (the table that decides ``model.head``): heads {pooled, dense} x labels
+{image (per-image length/area only), masks (per-cell labels from the masks + image loss)} x
+data {synth (train seed 1, held-out test seed 1001, other scenes), peanut (PRMI peanut, one
+split grouped by window: the test windows are never seen)}.
+
+``--study recipe`` (image-level labels on real frames): a dense model pre-trained on the synth
+archive *with masks* at the peanut frames' scale, then fine-tuned on the peanut training
+windows' per-image length/area only, against the same network trained from scratch on the
+same labels and steps, scored on the held-out windows (and the pre-trained model as is).
+
+``--study noise`` (the seed's central claim, measured): synth archive, masks give where the
+root is, the per-image totals are corrupted for ``--noise`` of the training images (a third
+each: scale error x U(0.5, 2), missed roots x U(0.2, 0.6), zero for an image with roots);
+loss {huber (Huber in log space + presence term, the default), mse (squared error in log
+space, no presence term)} over ``--seeds`` seeds; scored on clean held-out labels.
+
+Every run: ``test_efficientnet`` + the head, the task in-process (same task code as Ray Train
+runs, one process), ``--steps`` optimiser steps of ``--batch`` images whatever the data size,
+the model of the last step scored with the inference predictor (presence threshold off, so
+R2 compares the amounts). Prints one JSON line per run and a summary.
+
+    nice -n 5 .venv/bin/python benchmarks/rootquant_compare.py --study heads --steps 120
+    nice -n 5 .venv/bin/python benchmarks/rootquant_compare.py --study noise --steps 120
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks.rootquant_finetune import run_in_process  # noqa: E402
+from benchmarks.rootquant_synth import make_archive  # noqa: E402
+
+
+def score(uri: str, table, *, threshold: float | None = None) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Length/area R2 etc. of a checkpoint on a label table, through the inference predictor."""
+    from rootflow.evaluation import metrics as rm
+    from rootflow.inference.rootquant import RootQuantPredictor
+    from rootflow.io import images, storage
+
+    pred = RootQuantPredictor.from_checkpoint(uri, device="cpu", tile_batch=64,
+                                              presence_threshold=threshold)
+    rows = table.to_pylist()
+    out = []
+    for s in range(0, len(rows), 16):
+        chunk = rows[s:s + 16]
+        imgs = [images.decode(storage.read_bytes(r["image_uri"]))[0] for r in chunk]
+        out += pred.predict_many(imgs, dpis=[r["dpi"] for r in chunk])
+    return rm.regression_report(
+        pred_length_mm=[p.length_mm for p in out], true_length_mm=table["length_mm"].to_numpy(),
+        pred_area_mm2=[p.area_mm2 for p in out], true_area_mm2=table["area_mm2"].to_numpy(),
+        presence=[p.presence for p in out])
+
+
+def synth_sets(work: pathlib.Path, n_train: int, n_test: int):  # type: ignore[no-untyped-def]
+    from rootflow.training import labels as L
+
+    cols = L.LabelColumns(image="image_uri", length="length_mm", area="projected_area_mm2",
+                          dpi="dpi", mask="mask_uri")
+    tr = make_archive(work / f"train-loam-1-{n_train}", n=n_train, seed=1, look="loam",
+                      workers=1)
+    te = make_archive(work / f"val-loam-1001-{n_test}", n=n_test, seed=1001, look="loam",
+                      workers=1)
+    return L.read_labels(str(tr), columns=cols), L.read_labels(str(te), columns=cols)
+
+
+def peanut_sets(root: str, dpi: float):  # type: ignore[no-untyped-def]
+    import pyarrow as pa
+
+    from rootflow.training import labels as L
+    from rootflow.training import splits
+
+    folder = pathlib.Path(root) / "prmi_peanut"
+    rows = []
+    for m in sorted(p for p in folder.iterdir() if p.name.endswith("_mask.png")):
+        stem = m.name[: -len("_mask.png")]
+        img = next(p for p in folder.iterdir() if p.stem == stem and p != m)
+        rows.append({"image_uri": str(img), "mask_uri": str(m), "dpi": dpi})
+    lab = L.from_masks(pa.Table.from_pylist(rows))
+    tr, te = splits.grouped_split(lab, val_fraction=0.3, seed=0)
+    return tr, te
+
+
+def corrupt(table, share: float, seed: int):  # type: ignore[no-untyped-def]
+    """Corrupt ``share`` of the per-image totals (length and area alike)."""
+    import numpy as np
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed)
+    length = table["length_mm"].to_numpy().copy()
+    area = table["area_mm2"].to_numpy().copy()
+    idx = rng.permutation(len(length))[: round(share * len(length))]
+    for n, i in enumerate(idx):
+        kind = n % 3
+        f = (rng.uniform(0.5, 2.0) if kind == 0 else rng.uniform(0.2, 0.6) if kind == 1
+             else 0.0)
+        length[i] *= f
+        area[i] *= f
+    t = table.set_column(table.column_names.index("length_mm"), "length_mm", pa.array(length))
+    return t.set_column(t.column_names.index("area_mm2"), "area_mm2", pa.array(area))
+
+
+def one_run(train, test, *, head: str, masks: bool, mm_per_px: float, tile_px: int,  # type: ignore[no-untyped-def]
+            steps: int, batch: int, lr: float, tmp: pathlib.Path, tag: str,
+            huber_delta: float = 1.0, presence_weight: float = 1.0, seed: int = 0,
+            init_from: str | None = None, keep: str | None = None) -> dict[str, float]:
+    import pyarrow.parquet as pq
+    import torch
+
+    from rootflow.models.rootquant import RootQuantConfig
+    from rootflow.training import labels as L
+    from rootflow.training import rootquant_task as rqt
+
+    torch.manual_seed(seed)
+    pq.write_table(train, tmp / f"{tag}-train.parquet")
+    pq.write_table(test[:4], tmp / f"{tag}-val.parquet")  # the loop wants one; scoring is below
+    per_epoch = max(1, math.ceil(train.num_rows / batch))
+    epochs = max(1, math.ceil(steps / per_epoch))
+    cfg = rqt.RootQuantTrainConfig(
+        init_from=init_from,
+        model=RootQuantConfig(backbone="test_efficientnet", tile_px=tile_px,
+                              mm_per_px=mm_per_px, head_hidden=64, head=head),
+        data=rqt.RootQuantDataConfig(uri=str(tmp / f"{tag}-train.parquet"),
+                                     columns=L.LabelColumns(mask="mask_uri"),
+                                     val_uri=str(tmp / f"{tag}-val.parquet"),
+                                     tile_labels=masks),
+        loss=rqt.RootQuantLossConfig(huber_delta=huber_delta, presence_weight=presence_weight),
+        optim=rqt.RootQuantOptimConfig(batch_images=batch, lr=lr, warmup_epochs=0,
+                                       precise_bn_images=64, tile_batch=128,
+                                       steps_per_epoch=min(per_epoch, math.ceil(steps / epochs))))
+    t0 = time.perf_counter()
+    uri = keep or str(tmp / f"{tag}.pt")
+    run_in_process(cfg, epochs=epochs, export_uri=uri)
+    train_s = time.perf_counter() - t0
+    r = score(uri, test)
+    return {"train_s": round(train_s, 1), **{k: round(v, 4) for k, v in r.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--study", choices=("heads", "noise", "recipe"), required=True)
+    ap.add_argument("--work", default="/tmp/rootquant-bench")
+    ap.add_argument("--root", default=os.environ.get("ROOTFLOW_REAL_DATA",
+                                                      "/work/shared/data/real"))
+    ap.add_argument("--n-train", type=int, default=240)
+    ap.add_argument("--n-test", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data", default="synth,peanut")
+    ap.add_argument("--heads", default="pooled,dense")
+    ap.add_argument("--labels", default="image,masks")
+    ap.add_argument("--noise", type=float, default=0.3)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seed-list", default=None, help="noise: these seeds (else 0..seeds-1)")
+    ap.add_argument("--losses", default="huber,mse", help="noise: which losses")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    work = pathlib.Path(args.work)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="rq-compare-"))
+    results = []
+    if args.study == "heads":
+        for data in args.data.split(","):
+            if data == "synth":
+                train, test = synth_sets(work, args.n_train, args.n_test)
+                scale = {"mm_per_px": 0.2, "tile_px": 64, "batch": args.batch}
+            else:  # real frames at half their pixels, assumed 150 dpi (R2 does not depend on it)
+                train, test = peanut_sets(args.root, 150.0)
+                scale = {"mm_per_px": 25.4 / 150.0 / 0.5, "tile_px": 64,
+                         "batch": max(1, args.batch // 2)}
+            for labels in args.labels.split(","):
+                for head in args.heads.split(","):
+                    tag = f"{data}-{labels}-{head}"
+                    r = one_run(train, test, head=head, masks=labels == "masks",
+                                mm_per_px=scale["mm_per_px"], tile_px=scale["tile_px"],
+                                steps=args.steps, batch=scale["batch"], lr=args.lr, tmp=tmp,
+                                tag=tag)
+                    row = {"data": data, "labels": labels, "head": head,
+                           "n_train": train.num_rows, "n_test": test.num_rows,
+                           "steps": args.steps, **r}
+                    results.append(row)
+                    print(json.dumps(row), flush=True)
+    elif args.study == "recipe":
+        # image-level labels on real frames: synth pre-training (masks, at the real frames'
+        # scale) then fine-tuning on per-image length/area only; vs the same from scratch.
+        synth_train, _ = synth_sets(work, args.n_train, args.n_test)
+        train, test = peanut_sets(args.root, 150.0)
+        mm = 25.4 / 150.0 / 0.5
+        pre = str(work / f"pretrain-synth-{mm:.3f}-{args.steps}.pt")
+        if not pathlib.Path(pre).exists():
+            r = one_run(synth_train, train[:8], head="dense", masks=True, mm_per_px=mm,
+                        tile_px=64, steps=args.steps, batch=args.batch, lr=args.lr, tmp=tmp,
+                        tag="pretrain", keep=pre)
+            print(json.dumps({"pretrain": pre, **r}), flush=True)
+        for name, init in (("peanut zero-shot", None), ("finetune", pre), ("scratch", None)):
+            if name == "peanut zero-shot":
+                r = {k: round(v, 4) for k, v in score(pre, test).items()}
+            else:
+                r = one_run(train, test, head="dense", masks=False, mm_per_px=mm, tile_px=64,
+                            steps=args.steps, batch=max(1, args.batch // 2), lr=args.lr,
+                            tmp=tmp, tag=f"recipe-{name}", init_from=init)
+            row = {"run": name, "n_train": train.num_rows, "n_test": test.num_rows,
+                   "labels": "image", "steps": args.steps, **r}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    else:
+        train, test = synth_sets(work, args.n_train, args.n_test)
+        seeds = ([int(x) for x in args.seed_list.split(",")] if args.seed_list
+                 else list(range(args.seeds)))
+        losses = {"huber": (1.0, 1.0), "mse": (1e6, 0.0)}
+        for seed in seeds:
+            noisy = corrupt(train, args.noise, seed)
+            for loss in args.losses.split(","):
+                delta, pw = losses[loss]
+                r = one_run(noisy, test, head="dense", masks=True, mm_per_px=0.2, tile_px=64,
+                            steps=args.steps, batch=args.batch, lr=args.lr, tmp=tmp,
+                            tag=f"noise-{seed}-{loss}", huber_delta=delta,
+                            presence_weight=pw, seed=seed)
+                row = {"loss": loss, "seed": seed, "noise": args.noise, "steps": args.steps,
+                       **r}
+                results.append(row)
+                print(json.dumps(row), flush=True)
+    print(json.dumps({"benchmark": "rootquant_compare", "study": args.study,
+                      "results": results}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
