@@ -2,7 +2,7 @@
 
     python benchmarks/pipeline.py --preset small --n-images 8 --model rootsam --variant test
     python benchmarks/pipeline.py --preset ci600 --n-images 16 --model rootsam \
-        --variant hiera_tiny --device cuda --gpus 1          # on a GPU node
+        --variant hiera_tiny --device cuda --gpus-per-actor 1   # on a GPU node
 
 1. A synthetic archive is written to object storage (a local folder, or the loopback moto S3
    server with ``--s3``) and its manifest built. Not timed.
@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--set", action="append", default=[], dest="model_set",
                     help="model config key=value (e.g. lattice_points_per_side=4)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--gpus", type=float, default=0.0, help="GPUs for the job's model actor")
+    ap.add_argument("--gpus-per-actor", type=float, default=0.0,
+                    help="GPUs per model actor of the job (0 = CPU)")
+    ap.add_argument("--actors", default="1", help="model actors MIN:MAX (N = N:N)")
     ap.add_argument("--model-cpus", type=float, default=1.0, help="CPU slots per model actor")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for the model, in the bare loop and in the job's actors "
@@ -117,8 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import yaml
 
-    from rootflow.inference._cli import init_ray
-    from rootflow.inference.pipeline import InferConfig, Resources, run
+    from rootflow.inference.pipeline import InferConfig, Resources, init_ray, parse_actors, run
     from rootflow.io import images, storage
     from rootflow.io.manifest import build_manifest, read_manifest, write_manifest
     from rootflow.synth import SynthConfig, generate_archive
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # -- whole job: object storage -> committed Delta rows --------------------------------------
     init_ray(None, num_cpus=max(8, int(args.model_cpus) + 6))
-    res = Resources(model_num_cpus=args.model_cpus, model_num_gpus=args.gpus,
+    res = Resources(model_num_cpus=args.model_cpus, model_num_gpus=args.gpus_per_actor,
+                    model_actors=parse_actors(args.actors),
                     model_batch_size=args.batch_size, fuse_models=not args.no_fuse)
     producers = ("rootsam", "rootquant") if args.model == "both" else (args.model,)
     per_model = model_cfg if args.model == "both" else {args.model: model_cfg}
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         "efficiency": round(job_ips / bare_ips, 3),
         "bare_s_before_after": [round(bare_before, 2), round(bare_after, 2)],
         "job_s": round(job_s, 2), "job_stage_s": summary.stage_s, "job_status": summary.status,
-        "model_cpus": args.model_cpus, "threads": args.threads, "gpus": args.gpus, "cores": os.cpu_count(),
+        "model_cpus": args.model_cpus, "threads": args.threads, "gpus_per_actor": args.gpus_per_actor, "cores": os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2), "machine": platform.machine(),
     }
     print(json.dumps(out))

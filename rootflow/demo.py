@@ -41,8 +41,7 @@ def run_demo(out: str, *, n_images: int = 24, seed: int = 0, models: bool = True
     import pyarrow.parquet as pq
     from rich.console import Console
 
-    from rootflow.inference._cli import init_ray
-    from rootflow.inference.pipeline import InferConfig, format_summary, run
+    from rootflow.inference.pipeline import InferConfig, format_summary, init_ray, run
     from rootflow.io.manifest import build_manifest, write_manifest
     from rootflow.synth import SynthConfig, generate_archive
 
@@ -92,7 +91,7 @@ def run_demo(out: str, *, n_images: int = 24, seed: int = 0, models: bool = True
     init_ray(None, num_cpus=8)
     if models:
         console.print(f"[yellow]{RANDOM_WEIGHTS_NOTE}")
-    summary = run(str(manifest), str(lake), cfg, job_kind="demo", progress=False)
+    summary = run(str(manifest), str(lake), cfg, job_kind="demo", progress=True)
     console.print(format_summary(summary))
 
     report = summarize(str(lake), gt, console=console, exclude={"forest": set(train_files)})
@@ -160,9 +159,9 @@ def summarize(lake_uri: str, ground_truth: Any, *, console: Any,
     from rootflow.inference.stages import MASK_PRODUCERS
     from rootflow.io import storage
     from rootflow.io.images import decode_mask
-    from rootflow.lake import Lake
+    from rootflow.lake.query import traits
 
-    df = Lake(lake_uri).traits(engine="pandas")
+    df = traits(lake_uri, engine="pandas")
     masks = df[df["model_name"] == "mask"]
 
     t = Table(title="Root length by depth band (traits of the archive's masks)")

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,59 +14,29 @@ import typer
 
 from rootflow.io._cli import storage_from_cli
 
-EXIT_REJECTS = 3  # the run finished but some manifest rows were rejected
-EXIT_USAGE = 2  # bad arguments or an unusable model file: nothing was run
+EXIT_FAILED = 1  # the run failed (its committed rows stay; a re-run resumes)
+EXIT_USAGE = 2  # bad arguments, an invalid manifest or an unusable model file: nothing was run
+EXIT_REJECTS = 3  # the run finished but some manifest rows were rejected (success with warnings)
+EXIT_LEASE_HELD = 4  # another live run holds the lake's lease: nothing was run
 
 
 def init_ray(address: str | None, *, num_cpus: int | None = None, quiet: bool = True) -> None:
-    """Connect to a cluster (``auto``, ``ray://...``, inside ``ray job submit``) or start a local
-    Ray with more logical CPUs than cores (actor pools otherwise starve the read tasks)."""
-    import ray
+    """:func:`rootflow.inference.pipeline.init_ray` (starting Ray belongs with the job)."""
+    from rootflow.inference.pipeline import init_ray as _init_ray
 
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address and address != "local":
-        _leave_ray_working_dir()
-        ray.init(address=address, log_to_driver=not quiet)
-        return
-    cpus = num_cpus or max(4, 2 * (os.cpu_count() or 2))
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=not quiet,
-             configure_logging=False)
-
-
-def _leave_ray_working_dir() -> None:
-    """Move a ``ray job submit`` driver out of Ray's copy of the job's ``working_dir``.
-
-    Ray's runtime-env agent deletes and re-fetches a cached ``working_dir`` when it sets the same
-    URI up again (ray-project/ray#49313), which can happen under a running driver, leaving it in
-    a deleted directory. Libraries then fail in odd ways: oneMKL (inside torch) aborts the
-    process with "Cannot load libtorch_cpu.so" at its first call. The driver moves into a
-    private copy of the directory, so paths relative to the working dir keep working.
-    """
-    try:
-        cwd = os.getcwd()
-    except OSError:
-        return
-    marker = f"{os.sep}runtime_resources{os.sep}working_dir_files{os.sep}"
-    if marker not in cwd + os.sep:
-        return
-    import shutil
-    import tempfile
-
-    copy = os.path.join(tempfile.mkdtemp(prefix="rootflow-job-"), os.path.basename(cwd))
-    shutil.copytree(cwd, copy, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
-    os.chdir(copy)
+    _init_ray(address, num_cpus=num_cpus, quiet=quiet)
 
 
 def build_config(*, producers: str, config_file: str | None, overrides: list[str] | None,
                  rootsam_config: str | None, base_checkpoint: str | None,
                  base_sha256: str | None, rootsam_checkpoint: str | None,
-                 rootquant_checkpoint: str | None, gpus: float, actors: int | None,
+                 rootquant_checkpoint: str | None, gpus_per_actor: float | None,
+                 actors: str | None,
                  batch_size: int | None, fuse: bool | None, since: str | None,
                  until: str | None, force: bool, forest_model: str | None = None,
                  forest_sha256: str | None = None, unet_checkpoint: str | None = None,
-                 unet_sha256: str | None = None) -> Any:
+                 unet_sha256: str | None = None, rootsam_sha256: str | None = None,
+                 rootquant_sha256: str | None = None) -> Any:
     """InferConfig from a YAML file, ``--set`` overrides and the dedicated flags (flags win).
 
     Raises:
@@ -79,27 +48,37 @@ def build_config(*, producers: str, config_file: str | None, overrides: list[str
     from rootflow import config as cfglib
     from rootflow.inference.pipeline import InferConfig, Resources
 
+    for flag, digest in (("base", base_sha256), ("rootsam", rootsam_sha256),
+                         ("rootquant", rootquant_sha256), ("forest", forest_sha256),
+                         ("unet", unet_sha256)):
+        _check_digest(f"--{flag}-sha256", digest)
     cfg = cfglib.load(InferConfig, config_file, overrides or [])
     rs = dict(cfg.rootsam)
     for key, val in (("variant", rootsam_config), ("base_checkpoint", base_checkpoint),
-                     ("base_sha256", base_sha256), ("rootsam_checkpoint", rootsam_checkpoint)):
+                     ("base_sha256", base_sha256), ("rootsam_checkpoint", rootsam_checkpoint),
+                     ("rootsam_sha256", rootsam_sha256)):
         if val is not None:
             rs[key] = val
     rq = dict(cfg.rootquant)
     if rootquant_checkpoint is not None:
         rq["checkpoint"] = rootquant_checkpoint
+    if rootquant_sha256 is not None:
+        rq["sha256"] = rootquant_sha256
     seg = {"forest": dict(cfg.forest), "unet": dict(cfg.unet)}
     for name, key, val in (("forest", "model", forest_model), ("forest", "sha256", forest_sha256),
                            ("unet", "model", unet_checkpoint), ("unet", "sha256", unet_sha256)):
         if val is not None:
             seg[name][key] = val
+    from rootflow.inference.pipeline import parse_actors
+
     res = cfg.resources
-    if gpus:
-        res = Resources.gpu(int(max(1, gpus)))
-        if gpus < 1:
-            res = dataclasses.replace(res, model_num_gpus=gpus)
+    if gpus_per_actor is not None:
+        if gpus_per_actor < 0:
+            raise ValueError(f"--gpus-per-actor must be >= 0, got {gpus_per_actor}")
+        res = (Resources.gpu(gpus_per_actor, res.model_actors) if gpus_per_actor > 0
+               else dataclasses.replace(res, model_num_gpus=0.0))
     if actors:
-        res = dataclasses.replace(res, model_actors=(actors, actors))
+        res = dataclasses.replace(res, model_actors=parse_actors(actors))
     if batch_size:
         res = dataclasses.replace(res, model_batch_size=batch_size)
     if fuse is not None:
@@ -109,6 +88,31 @@ def build_config(*, producers: str, config_file: str | None, overrides: list[str
                                forest=seg["forest"], unet=seg["unet"], resources=res,
                                since=since or cfg.since, until=until or cfg.until,
                                skip_done=cfg.skip_done and not force)
+
+
+def _check_digest(flag: str, digest: str | None) -> None:
+    """A digest given on the command line must be a full sha256 (64 hex digits)."""
+    import re
+
+    if digest is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+        raise ValueError(f"{flag} must be the full 64-hex-digit sha256 of the file "
+                         f"(got {len(digest)} characters)")
+
+
+def check_manifest(manifest: str, storage: dict[str, Any], allow_prefix: list[str] | None) -> None:
+    """Validate the manifest before anything starts: an invalid one, or one whose URIs point
+    outside ``allow_prefix`` (default: the manifest's own bucket or folder), is one line on
+    stderr naming column and row, and exit 2."""
+    from rootflow.io.manifest import ManifestError, read_manifest
+
+    try:
+        read_manifest(manifest, storage_options=storage, allow_prefixes=allow_prefix or ["default"])
+    except (ManifestError, OSError, ValueError) as e:
+        raise _usage_error(str(e).strip().splitlines()[0] if str(e).strip()
+                           else type(e).__name__) from None
+    except Exception as e:  # storage client errors (no endpoint, refused credentials)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise _usage_error(f"cannot read manifest {manifest}: {type(e).__name__}: {first}") from None
 
 
 def _usage_error(message: str) -> typer.Exit:
@@ -143,19 +147,28 @@ def preflight(cfg: Any, storage: dict[str, Any]) -> dict[str, str]:
 
 def _run_and_report(manifest: str, lake: str, cfg: Any, *, storage: dict[str, Any],
                     address: str | None, job_kind: str, summary_json: str | None,
-                    versions: dict[str, str] | None = None) -> None:
+                    versions: dict[str, str] | None = None,
+                    allow_prefix: list[str] | None = None) -> None:
     """Run the job, print its summary (and write it as JSON), exit 3 if rows were rejected."""
     from rootflow.inference.pipeline import format_summary, run
 
+    check_manifest(manifest, storage, allow_prefix)
     versions = versions if versions is not None else preflight(cfg, storage)
     init_ray(address)
-    summary = run(manifest, lake, cfg, storage_options=storage, job_kind=job_kind,
-                  model_versions=versions)
+    try:
+        summary = run(manifest, lake, cfg, storage_options=storage, job_kind=job_kind,
+                      model_versions=versions)
+    except Exception as e:  # the run is recorded as failed in `runs`; a re-run resumes
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        typer.echo(f"error: run failed: {type(e).__name__}: {first}", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    if summary.exit_code == EXIT_LEASE_HELD:
+        typer.echo(f"error: {summary.status.removeprefix('lease_held: ')}", err=True)
     typer.echo(format_summary(summary))
     if summary_json:
         Path(summary_json).write_text(json.dumps(summary.to_dict(), indent=2, default=str))
-    if summary.n_images_rejected:
-        raise typer.Exit(EXIT_REJECTS)
+    if summary.exit_code:
+        raise typer.Exit(summary.exit_code)
 
 
 _PRODUCERS_HELP = ("Comma-separated producers: mask (traits of the manifest's masks), forest, unet "
@@ -163,6 +176,12 @@ _PRODUCERS_HELP = ("Comma-separated producers: mask (traits of the manifest's ma
 _FOREST_HELP = "Forest model URI (forest.json, or the `rootflow train forest --out` folder)."
 _UNET_HELP = "U-Net checkpoint URI (unet.pt, or the `rootflow train unet --out` folder)."
 _SHA_HELP = "Expected full 64-hex sha256 of the {} file."
+_ALLOW_HELP = ("URI prefix the manifest's image_uri/mask_uri may point into (repeatable); default: "
+               "the manifest's own scheme and bucket (s3://bucket/), or its folder when local.")
+_GPUS_HELP = ("GPUs per model actor; a fraction shares a GPU between actors, 0 = CPU. Default: 1 "
+              "when the cluster has (or can scale to) GPUs, else 0.")
+_ACTORS_HELP = ("Model actors MIN:MAX (N = N:N); the pool autoscales between them. Default: 1 to "
+                "as many as the cluster's GPUs allow (adding GPU nodes adds actors).")
 
 
 def register(app: typer.Typer) -> None:
@@ -182,8 +201,11 @@ def register(app: typer.Typer) -> None:
         forest_sha256: str | None = typer.Option(None, help=_SHA_HELP.format("forest")),
         unet_checkpoint: str | None = typer.Option(None, help=_UNET_HELP),
         unet_sha256: str | None = typer.Option(None, help=_SHA_HELP.format("U-Net")),
-        gpus: float = typer.Option(0, help="GPUs per model actor (0 = CPU)."),
-        actors: int | None = typer.Option(None, help="Model actors (pool size)."),
+        rootsam_sha256: str | None = typer.Option(None, help=_SHA_HELP.format("RootSAM")),
+        rootquant_sha256: str | None = typer.Option(None, help=_SHA_HELP.format("RootQuant")),
+        allow_prefix: list[str] = typer.Option([], "--allow-prefix", help=_ALLOW_HELP),
+        gpus_per_actor: float | None = typer.Option(None, help=_GPUS_HELP),
+        actors: str | None = typer.Option(None, help=_ACTORS_HELP),
         batch_size: int | None = typer.Option(None, help="Images per model call."),
         fuse: bool | None = typer.Option(None, "--fuse/--no-fuse", help="All models in one actor (--no-fuse: one actor pool per model)."),
         since: str | None = typer.Option(None, help="Only images captured on/after this ISO date."),
@@ -196,20 +218,23 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the processing job: masks to object storage, rows to the traits/rejects/runs tables.
 
-        Exit code 0: every row ok; 3: finished, some rows rejected (rejects table);
-        2: nothing run: bad arguments, no model URI for a requested producer, or
-        a model file that is corrupt, of the wrong kind or fails its sha256.
+        Exit code 0: every row ok; 1: the run failed (a re-run resumes); 2: nothing run: bad
+        arguments, an invalid manifest, no model URI for a requested producer, or a model file
+        that is corrupt, of the wrong kind or fails its sha256; 3: finished, some rows rejected
+        (rejects table); 4: another live run holds the lake's lease.
         """
         cfg = _config_or_exit(producers=producers, config_file=config, overrides=set_,
                               rootsam_config=rootsam_config, base_checkpoint=base_checkpoint,
                               base_sha256=base_sha256, rootsam_checkpoint=rootsam_checkpoint,
-                              rootquant_checkpoint=rootquant_checkpoint, gpus=gpus,
-                              actors=actors, batch_size=batch_size, fuse=fuse, since=since,
+                              rootquant_checkpoint=rootquant_checkpoint,
+                              gpus_per_actor=gpus_per_actor, actors=actors, batch_size=batch_size, fuse=fuse, since=since,
                               until=until, force=force, forest_model=forest_model,
                               forest_sha256=forest_sha256, unet_checkpoint=unet_checkpoint,
-                              unet_sha256=unet_sha256)
+                              unet_sha256=unet_sha256, rootsam_sha256=rootsam_sha256,
+                              rootquant_sha256=rootquant_sha256)
         _run_and_report(manifest, lake, cfg, storage=storage_from_cli(storage_option),
-                        address=address, job_kind=job_kind, summary_json=summary_json)
+                        address=address, job_kind=job_kind, summary_json=summary_json,
+                        allow_prefix=allow_prefix)
 
     @app.command("reprocess")
     def reprocess(
@@ -228,7 +253,12 @@ def register(app: typer.Typer) -> None:
         forest_sha256: str | None = typer.Option(None, help=_SHA_HELP.format("forest")),
         unet_checkpoint: str | None = typer.Option(None, help=_UNET_HELP),
         unet_sha256: str | None = typer.Option(None, help=_SHA_HELP.format("U-Net")),
-        gpus: float = typer.Option(0),
+        rootsam_sha256: str | None = typer.Option(None, help=_SHA_HELP.format("RootSAM")),
+        rootquant_sha256: str | None = typer.Option(None, help=_SHA_HELP.format("RootQuant")),
+        allow_prefix: list[str] = typer.Option([], "--allow-prefix", help=_ALLOW_HELP),
+        gpus_per_actor: float | None = typer.Option(None, help=_GPUS_HELP),
+        actors: str | None = typer.Option(None, help=_ACTORS_HELP),
+        retry_rejects: bool = typer.Option(False, help="Retry images rejected before for the same model version and file."),
         since: str | None = typer.Option(None, help="Capture date lower bound (ISO)."),
         until: str | None = typer.Option(None, help="Capture date upper bound (ISO)."),
         wait_s: float = typer.Option(0.0, help="Wait this long for an overlapping run to finish."),
@@ -245,20 +275,30 @@ def register(app: typer.Typer) -> None:
         from rootflow.inference.sources import manifest_for_source
 
         so = storage_from_cli(storage_option)
-        overrides = [*set_, f"wait_for_lease_s={wait_s}"]
+        overrides = [*set_, f"wait_for_lease_s={wait_s}",
+                     *(["retry_rejects=true"] if retry_rejects else [])]
         cfg = _config_or_exit(producers=producers, config_file=config, overrides=overrides,
                               rootsam_config=rootsam_config, base_checkpoint=base_checkpoint,
                               base_sha256=base_sha256, rootsam_checkpoint=rootsam_checkpoint,
-                              rootquant_checkpoint=rootquant_checkpoint, gpus=gpus,
-                              actors=None, batch_size=None, fuse=None, since=since,
+                              rootquant_checkpoint=rootquant_checkpoint,
+                              gpus_per_actor=gpus_per_actor, actors=actors, batch_size=None, fuse=None, since=since,
                               until=until, force=False, forest_model=forest_model,
                               forest_sha256=forest_sha256, unet_checkpoint=unet_checkpoint,
-                              unet_sha256=unet_sha256)
+                              unet_sha256=unet_sha256, rootsam_sha256=rootsam_sha256,
+                              rootquant_sha256=rootquant_sha256)
         versions = preflight(cfg, so)  # before listing the archive: a bad model fails at once
-        manifest_uri = manifest_for_source(source, lake, experiment_config=experiment_config,
-                                           storage_options=so)
+        from rootflow.io.manifest import ManifestError
+        from rootflow.io.storage import default_allowed_prefixes
+
+        try:
+            manifest_uri = manifest_for_source(source, lake, experiment_config=experiment_config,
+                                               storage_options=so)
+        except (ManifestError, OSError) as e:
+            raise _usage_error(str(e).strip().splitlines()[0] if str(e).strip()
+                               else type(e).__name__) from None
         _run_and_report(manifest_uri, lake, cfg, storage=so, address=address,
-                        job_kind="reprocess", summary_json=summary_json, versions=versions)
+                        job_kind="reprocess", summary_json=summary_json, versions=versions,
+                        allow_prefix=allow_prefix or default_allowed_prefixes(source))
 
     @app.command("demo")
     def demo(

@@ -52,17 +52,31 @@ PRODUCERS = ("mask", "forest", "unet", "rootsam", "rootquant")
 
 @dataclasses.dataclass(frozen=True)
 class Resources:
-    """Ray resources per stage. Defaults suit a CPU-only machine; see ``gpu()`` for a GPU node.
+    """Ray resources per stage. Defaults suit any cluster: see :func:`resolve_resources`.
 
     Attributes:
         block_rows: manifest rows per Ray block (the unit of scheduling and retry).
         read_threads: concurrent object-storage reads inside one read task.
         read_num_cpus / decode_num_cpus / traits_num_cpus: CPU slots per task of each stage.
-        model_actors: (min, max) actors per model pool (autoscaling between them).
+        model_actors: (min, max) actors per model pool; Ray Data autoscales between them.
+            ``max = 0`` means "as many as the cluster's GPUs allow" (``cluster GPUs //
+            model_num_gpus``; 1 on a cluster without GPUs), so adding GPU nodes adds actors.
         model_batch_size: images per model call.
-        model_num_gpus / model_num_cpus: resources per model actor.
+        model_num_gpus: GPUs per model actor (a fraction shares a GPU between actors);
+            None = 1 when the cluster has or can scale to GPUs, else 0 (CPU).
+        model_num_cpus: CPUs per model actor.
         fuse_models: run all model stages in the same actor (one GPU, no hand-off).
         max_in_flight_per_actor: batches queued per actor (keeps the GPU fed).
+        manifest_block_rows / min_blocks: the planned manifest rows enter Ray Data as blocks
+            of up to ``manifest_block_rows`` rows (at least ``min_blocks`` blocks when there
+            are enough rows); stages then work in batches of ``block_rows``. A block is also
+            the unit an actor takes: blocks must outnumber the actors' in-flight slots by far,
+            or the first actors take all the work and a growing pool has nothing to do
+            (100k images: ~1.6k blocks of 64 rows instead of 25k blocks of 4).
+        decode_in_actor: compressed bytes travel to the model actor, which decodes them and
+            drops the pixels after its last model (False: the former layout, a CPU decode task
+            before the actor and pixels carried to the end of the chain; kept to measure the
+            difference, ``benchmarks/pipeline_scale.py``).
     """
 
     block_rows: int = 4
@@ -70,18 +84,77 @@ class Resources:
     read_num_cpus: float = 0.25
     decode_num_cpus: float = 1.0
     traits_num_cpus: float = 1.0
-    model_actors: tuple[int, int] = (1, 1)
+    model_actors: tuple[int, int] = (1, 0)
     model_batch_size: int = 2
-    model_num_gpus: float = 0.0
+    model_num_gpus: float | None = None
     model_num_cpus: float = 1.0
     fuse_models: bool = True
     max_in_flight_per_actor: int = 2
+    manifest_block_rows: int = 64
+    min_blocks: int = 64
+    decode_in_actor: bool = True
+
+    def __post_init__(self) -> None:
+        lo, hi = self.model_actors
+        if lo < 1 or hi < 0 or (hi and hi < lo):
+            raise ValueError(f"model_actors must be (min >= 1, max >= min or 0 = auto), got "
+                             f"{tuple(self.model_actors)}")
+        if self.model_num_gpus is not None and self.model_num_gpus < 0:
+            raise ValueError(f"model_num_gpus must be >= 0, got {self.model_num_gpus}")
 
     @classmethod
-    def gpu(cls, n_gpus: int = 1) -> Resources:
-        """Defaults for a node with ``n_gpus`` GPUs: one fused actor per GPU, bigger batches."""
-        return cls(block_rows=8, read_threads=16, model_actors=(n_gpus, n_gpus),
-                   model_batch_size=8, model_num_gpus=1.0, model_num_cpus=2.0, fuse_models=True)
+    def gpu(cls, gpus_per_actor: float = 1.0, actors: tuple[int, int] = (1, 0)) -> Resources:
+        """Defaults for GPU nodes: fused actors of ``gpus_per_actor`` GPUs, bigger batches."""
+        return cls(block_rows=8, read_threads=16, model_actors=actors, model_batch_size=8,
+                   model_num_gpus=gpus_per_actor, model_num_cpus=2.0, fuse_models=True)
+
+
+def parse_actors(text: str) -> tuple[int, int]:
+    """``"MIN:MAX"`` (or ``"N"`` = ``N:N``; ``"MIN:"`` or ``"MIN:0"`` = up to the cluster's
+    GPUs) as ``(min, max)``; raises ValueError with the reason."""
+    parts = str(text).strip().split(":")
+    try:
+        if len(parts) == 1:
+            lo = hi = int(parts[0])
+        elif len(parts) == 2:
+            lo, hi = int(parts[0]), int(parts[1] or 0)
+        else:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"--actors must be N or MIN:MAX (integers), got {text!r}") from None
+    if lo < 1 or hi < 0 or (hi and hi < lo):
+        raise ValueError(f"--actors must have 1 <= MIN <= MAX, got {text!r}")
+    return lo, hi
+
+
+def cluster_gpus() -> float:
+    """GPUs the connected cluster can reach: the live cluster's, or the maximum its declared
+    worker groups can scale to (KubeRay / cluster launcher), whichever is larger."""
+    import sys
+
+    import ray
+
+    live = float(ray.cluster_resources().get("GPU", 0.0))
+    declared = 0.0
+    try:
+        from ray._private.state import state
+
+        declared = float((state.get_max_resources_from_cluster_config() or {}).get("GPU", 0))
+    except Exception:  # no autoscaler config (a local or fixed cluster)
+        declared = 0.0
+    if declared >= sys.maxsize:  # an unbounded group: the live count is all we can promise
+        declared = 0.0
+    return max(live, declared)
+
+
+def resolve_resources(res: Resources, gpus: float | None = None) -> Resources:
+    """Concrete GPUs per actor and pool bounds for the connected cluster (see Resources)."""
+    gpus = cluster_gpus() if gpus is None else gpus
+    per = res.model_num_gpus if res.model_num_gpus is not None else (1.0 if gpus > 0 else 0.0)
+    lo, hi = res.model_actors
+    if hi == 0:
+        hi = max(lo, int(gpus // per)) if per > 0 else lo
+    return dataclasses.replace(res, model_num_gpus=per, model_actors=(lo, hi))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +173,15 @@ class InferConfig:
         commit_every: rows buffered by the driver between Delta commits.
         skip_done: skip images that already have rows for every producer/version (resume).
         since / until: only images captured in ``[since, until]`` (ISO dates).
+        retry_rejects: re-run images rejected before for the same model version and the same
+            file (by default a permanent reject is retried only when its file or the
+            producer's version changed).
+        lease_scope: None = the whole lake (one processing run per lake at a time); a name
+            (e.g. an experiment) lets runs over disjoint archives of one lake work together.
         lease_ttl_s: a run whose heartbeat is older than this is considered dead.
+        lease_heartbeat_s: seconds between the heartbeat thread's beats.
+        lease_settle_s: pause before deciding who holds the lease (see rootflow.lake.lease);
+            None = ``rootflow.lake.lease.SETTLE_S`` (3 s).
         wait_for_lease_s: how long a run waits for an overlapping run before giving up.
     """
 
@@ -115,7 +196,11 @@ class InferConfig:
     skip_done: bool = True
     since: str | None = None
     until: str | None = None
-    lease_ttl_s: float = 900.0
+    retry_rejects: bool = False
+    lease_scope: str | None = None
+    lease_ttl_s: float = 120.0
+    lease_heartbeat_s: float = 30.0
+    lease_settle_s: float | None = None
     wait_for_lease_s: float = 0.0
     resources: Resources = dataclasses.field(default_factory=Resources)
 
@@ -126,6 +211,12 @@ class InferConfig:
         for p in SEGMENTERS:
             if p in self.producers:
                 segmenter_config(self, p)  # a missing model URI or a bad key fails here
+
+
+#: Exit codes, the same for every command and job (``rootflow infer``/``reprocess``/``demo``,
+#: ``jobs/*.py``): 0 all done; 1 the run failed; 2 usage error or invalid manifest; 3 done with
+#: rejects (success with warnings: see the rejects table); 4 another live run holds the lease.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTS, EXIT_LEASE_HELD = 0, 1, 2, 3, 4
 
 
 @dataclasses.dataclass
@@ -145,6 +236,22 @@ class RunSummary:
     lake_uri: str
     reject_reasons: dict[str, int]
     commits: int
+    n_reject_skipped: int = 0
+    actors: dict[str, float] = dataclasses.field(default_factory=dict)
+    resources: dict[str, Any] = dataclasses.field(default_factory=dict)
+    taken_over: list[str] = dataclasses.field(default_factory=list)
+    #: bytes each Ray Data operator put into the object store (Ray's own stats), and their sum
+    #: per processed image: what moving pixels through the cluster costs.
+    output_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    object_store_bytes_per_image: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        if self.status.startswith("lease_held"):
+            return EXIT_LEASE_HELD
+        if self.status == "failed":
+            return EXIT_FAILED
+        return EXIT_REJECTS if self.n_images_rejected else EXIT_OK
 
     @property
     def images_per_s(self) -> float:
@@ -236,12 +343,37 @@ def resolve_model_versions(cfg: InferConfig, storage: StorageLike = None) -> dic
     if "rootsam" in cfg.producers:
         from rootflow.inference.rootsam import model_version
 
-        versions["rootsam"] = model_version(rootsam_config(cfg), storage_options=so)
+        rs = rootsam_config(cfg)
+        versions["rootsam"] = (f"{model_version(rs, storage_options=so)}"
+                               f"~{settings_hash(rs, RUNTIME_ONLY['rootsam'])}")
     if "rootquant" in cfg.producers:
         from rootflow.inference.rootquant import model_version as rq_version
 
-        versions["rootquant"] = rq_version(rootquant_config(cfg), storage_options=so)
+        rq = rootquant_config(cfg)
+        skip = RUNTIME_ONLY["rootquant"] | (RQ_RANDOM_ONLY if rq.checkpoint else frozenset())
+        versions["rootquant"] = (f"{rq_version(rq, storage_options=so)}"
+                                 f"~{settings_hash(rq, skip)}")
     return versions
+
+
+#: Settings that do not change a model's output (where its weights are, how they are checked,
+#: which device, how work is batched). Every other field of the model's inference config is
+#: part of its version, so changing a threshold or the prompt mode re-processes the archive.
+RUNTIME_ONLY: dict[str, frozenset[str]] = {
+    "rootsam": frozenset({"base_checkpoint", "base_sha256", "rootsam_checkpoint",
+                          "rootsam_sha256", "device", "compile", "tile_batch_size",
+                          "point_batch_size", "embedding_cache_tiles"}),
+    "rootquant": frozenset({"checkpoint", "sha256", "device", "tile_batch"}),
+}
+#: RootQuant settings used only by the random-weights model (a checkpoint defines its own).
+RQ_RANDOM_ONLY = frozenset({"backbone", "mm_per_px", "tile_px"})
+
+
+def settings_hash(config: Any, runtime_only: frozenset[str]) -> str:
+    """12 hex of the sha256 of a model's output-changing settings (its version suffix; the
+    weights' own digest is the part before ``~``)."""
+    d = {k: v for k, v in dataclasses.asdict(config).items() if k not in runtime_only}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,22 +385,33 @@ def build_dataset(rows: pa.Table, *, cfg: InferConfig, lake_uri: str, run_id: st
     import ray.data
 
     res = cfg.resources
-    blocks = [rows.slice(i, res.block_rows) for i in range(0, rows.num_rows, res.block_rows)]
+    # The manifest rows are already validated and planned on the driver (which images need
+    # which producer); they enter Ray as blocks of up to 64 rows: few enough to schedule
+    # cheaply, many enough that every actor of a growing pool finds work.
+    per_block = max(res.block_rows, min(res.manifest_block_rows,
+                                        -(-rows.num_rows // max(1, res.min_blocks))))
+    blocks = [rows.slice(i, per_block) for i in range(0, rows.num_rows, per_block)]
     ds = ray.data.from_arrow(blocks or [rows])
     ds = ds.map_batches(stages.read_bytes, batch_format="numpy", batch_size=res.block_rows,
                         fn_kwargs={"storage_options": storage_options,
                                    "threads": res.read_threads},
                         num_cpus=res.read_num_cpus)
-    ds = ds.map_batches(stages.decode, batch_format="numpy", batch_size=res.block_rows,
-                        num_cpus=res.decode_num_cpus)
     specs = model_stage_specs(cfg)
+    if not specs:
+        ds = ds.map_batches(stages.decode_masks_only, batch_format="numpy",
+                            batch_size=res.block_rows, num_cpus=res.decode_num_cpus)
+    elif not res.decode_in_actor:  # the former layout: pixels cross nodes to the actor
+        ds = ds.map_batches(stages.decode, batch_format="numpy", batch_size=res.block_rows,
+                            num_cpus=res.decode_num_cpus)
     groups = [specs] if res.fuse_models else [[s] for s in specs]
-    for group in groups:
-        if not group:
-            continue
+    groups = [g for g in groups if g]
+    for k, group in enumerate(groups):
         ds = ds.map_batches(
             stages.ModelActor,
-            fn_constructor_kwargs={"stages": group, "storage_options": storage_options},
+            fn_constructor_kwargs={"stages": group, "storage_options": storage_options,
+                                   "producers": cfg.producers,
+                                   "decode_first": k == 0 and res.decode_in_actor,
+                                   "drop_image": k == len(groups) - 1 and res.decode_in_actor},
             compute=ray.data.ActorPoolStrategy(
                 min_size=res.model_actors[0], max_size=res.model_actors[1],
                 max_tasks_in_flight_per_actor=res.max_in_flight_per_actor),
@@ -279,7 +422,8 @@ def build_dataset(rows: pa.Table, *, cfg: InferConfig, lake_uri: str, run_id: st
                         fn_kwargs={"producers": cfg.producers, "lake_uri": lake_uri,
                                    "storage_options": storage_options,
                                    "trait_options": cfg.trait_options,
-                                   "write_masks": cfg.write_masks},
+                                   "write_masks": cfg.write_masks,
+                                   "model_versions": model_versions},
                         num_cpus=res.traits_num_cpus)
     ds = ds.map_batches(stages.to_records, batch_format="numpy", batch_size=res.block_rows,
                         fn_kwargs={"producers": cfg.producers, "run_id": run_id,
@@ -315,49 +459,259 @@ def select_rows(table: pa.Table, cfg: InferConfig) -> pa.Table:
     return table
 
 
-def scope_key(manifest_uri: str, cfg: InferConfig, versions: dict[str, str]) -> str:
-    """Identity of what a run covers; overlapping runs with the same scope share a lease."""
-    blob = json.dumps({"manifest": manifest_uri, "versions": versions, "since": cfg.since,
-                       "until": cfg.until}, sort_keys=True)
-    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+def scope_key(lake_uri: str, cfg: InferConfig) -> str:
+    """What a run's lease covers: the lake (or ``cfg.lease_scope`` inside it), never the
+    manifest file, so nightly runs that each list the archive into a new manifest still share
+    one lease."""
+    from rootflow.lake.lease import lake_scope
+
+    return lake_scope(lake_uri, cfg.lease_scope)
+
+
+def init_ray(address: str | None, *, num_cpus: int | None = None, quiet: bool = True) -> None:
+    """Connect to a cluster (``auto``, ``ray://...``, inside ``ray job submit``) or start a local
+    Ray with more logical CPUs than cores (actor pools otherwise starve the read tasks).
+
+    On a cluster, workers' log lines (warnings included) are forwarded to the driver, so they
+    reach ``ray job logs``.
+    """
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        _leave_ray_working_dir()
+        ray.init(address=address, log_to_driver=True)
+        return
+    cpus = num_cpus or max(4, 2 * (os.cpu_count() or 2))
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=not quiet,
+             configure_logging=False)
+
+
+def _leave_ray_working_dir() -> None:
+    """Move a ``ray job submit`` driver out of Ray's copy of the job's ``working_dir``.
+
+    Ray's runtime-env agent deletes and re-fetches a cached ``working_dir`` when it sets the same
+    URI up again (ray-project/ray#49313), which can happen under a running driver, leaving it in
+    a deleted directory. Libraries then fail in odd ways: oneMKL (inside torch) aborts the
+    process with "Cannot load libtorch_cpu.so" at its first call. The driver moves into a
+    private copy of the directory, so paths relative to the working dir keep working.
+    """
+    import os
+
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        return
+    marker = f"{os.sep}runtime_resources{os.sep}working_dir_files{os.sep}"
+    if marker not in cwd + os.sep:
+        return
+    import shutil
+    import tempfile
+
+    copy = os.path.join(tempfile.mkdtemp(prefix="rootflow-job-"), os.path.basename(cwd))
+    shutil.copytree(cwd, copy, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    os.chdir(copy)
+
+
+#: Reject reasons a re-run cannot fix without a new reason (the file or the model changed):
+#: the object is missing or unreadable for good, or its bytes are not a valid image/mask.
+_PERMANENT_REASONS = ("read: FileNotFoundError", "read: PermissionError",
+                      "read: IsADirectoryError", "read: NotADirectoryError", "read: ValueError",
+                      "read_mask: FileNotFoundError", "read_mask: PermissionError",
+                      "decode:", "decode_mask:")
+
+
+def is_permanent(reason: str | None) -> bool:
+    """A reject that retrying the same file with the same model cannot fix."""
+    return bool(reason) and str(reason).startswith(_PERMANENT_REASONS)
+
+
+def file_fingerprint(uri: str, storage_options: dict[str, Any] | None) -> str:
+    """``size:etag-or-mtime`` of an object (``missing`` when absent): tells a nightly run that
+    a rejected file was replaced, without reading it."""
+    from rootflow.io import storage as st
+
+    try:
+        info = st.filesystem(uri, storage_options).info(st.strip_protocol(uri))
+    except FileNotFoundError:
+        return "missing"
+    except Exception as e:  # cannot tell: treat as changed (the image is retried)
+        return f"unknown:{type(e).__name__}:{uuid.uuid4().hex[:8]}"
+    stamp = info.get("ETag") or info.get("etag") or info.get("LastModified") or \
+        info.get("mtime") or info.get("last_modified") or ""
+    return f"{info.get('size')}:{stamp}"
+
+
+def plan_work(rows: pa.Table, lake: Any, versions: dict[str, str], cfg: InferConfig,
+              storage_options: dict[str, Any] | None) -> tuple[pa.Table, int, int]:
+    """Which producers each row still needs: ``rows`` with a ``todo`` column, rows needing none
+    dropped; also returns (rows skipped as done, producer runs skipped as known rejects).
+
+    A producer re-runs on an image only when the lake has no traits row for its version; an
+    image rejected permanently (:func:`is_permanent`) for that version is retried only when its
+    file changed since (:func:`file_fingerprint`) or with ``retry_rejects``.
+    """
+    n0 = rows.num_rows
+    ids = rows["image_id"].to_pylist()
+    uris = rows["image_uri"].to_pylist()
+    need = {p: [True] * n0 for p in versions}
+    if cfg.skip_done and n0:
+        for p, version in versions.items():
+            done = lake.done_image_ids(model_name=p, model_version=version)
+            need[p] = [i not in done for i in ids]
+    n_reject_skipped = 0
+    if cfg.skip_done and not cfg.retry_rejects and n0 and lake.exists("rejects"):
+        rej = lake.read("rejects")
+        cols = set(rej.column_names)
+        if {"model_version", "source_fingerprint"} <= cols and rej.num_rows:
+            latest: dict[tuple[str, str], dict[str, Any]] = {}
+            for r in rej.select(["image_id", "model_name", "model_version", "reason",
+                                 "source_fingerprint", "at"]).sort_by("at").to_pylist():
+                if r["model_name"] in versions and r["model_version"] == versions[
+                        r["model_name"]]:
+                    latest[(r["image_id"], r["model_name"])] = r
+            # Only the latest reject of an image and producer counts: a file that was missing
+            # and now fails for another (transient) reason is retried.
+            known = {k: r["source_fingerprint"] or "" for k, r in latest.items()
+                     if is_permanent(r["reason"])}
+            if known:
+                pos = {i: k for k, i in enumerate(ids)}
+                candidates = {img for img, p in known if img in pos}
+                fps = _fingerprints({uris[pos[i]] for i in candidates}, storage_options)
+                for (img, p), fp in known.items():
+                    k = pos.get(img)
+                    if k is not None and need[p][k] and fps.get(uris[k]) == fp:
+                        need[p][k] = False
+                        n_reject_skipped += 1
+    todo = [",".join(p for p in versions if need[p][k]) for k in range(n0)]
+    rows = rows.append_column("todo", pa.array(todo, pa.string()))
+    rows = rows.filter(pc.not_equal(rows["todo"], ""))
+    return rows, n0 - rows.num_rows, n_reject_skipped
+
+
+#: StorageOptions fields that are credentials: they stay on the driver.
+CREDENTIAL_FIELDS = ("key", "secret", "token")
+
+
+def worker_storage_options(so: StorageOptions) -> dict[str, Any]:
+    """What tasks and actors get: endpoint, region and addressing, never credentials.
+
+    Workers find credentials through the standard provider chain of their own process
+    (environment, web identity token, instance profile), which the client library refreshes;
+    credentials copied into task arguments would be serialized into every task, logged by Ray
+    on failures, and expire mid-run (session tokens), turning every later read into a reject.
+    """
+    return {k: v for k, v in so.to_dict().items() if k not in CREDENTIAL_FIELDS}
+
+
+def _fingerprints(uris: set[str], storage_options: dict[str, Any] | None) -> dict[str, str]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    uris_l = sorted(uris)
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return dict(zip(uris_l, pool.map(lambda u: file_fingerprint(u, storage_options), uris_l),
+                        strict=True))
+
+
+class Progress:
+    """Images done of total, rate and time left: a live line on a terminal, and one line per
+    Delta commit (so a job's logs show the same figures)."""
+
+    def __init__(self, total: int, *, live: bool | None = None, stream: Any = None) -> None:
+        import sys
+
+        self.total, self.done, self.t0 = total, 0.0, time.perf_counter()
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty() if live is None else live
+        self._last = 0.0
+
+    def text(self) -> str:
+        el = time.perf_counter() - self.t0
+        rate = self.done / el if el > 0 else 0.0
+        left = (self.total - self.done) / rate if rate > 0 else float("nan")
+        eta = "?" if left != left else _hms(left)
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        return (f"{self.done:.0f}/{self.total} images ({pct:.0f}%), {rate:.2f} images/s, "
+                f"elapsed {_hms(el)}, left {eta}")
+
+    def update(self, images: float) -> None:
+        self.done += images
+        now = time.perf_counter()
+        if self.live and now - self._last > 0.5:
+            self._last = now
+            self.stream.write("\r" + self.text() + "   ")
+            self.stream.flush()
+
+    def commit(self, rows: int, commits: int) -> None:
+        line = f"commit {commits}: {rows} rows so far; {self.text()}"
+        if self.live:
+            self.stream.write("\r")
+        self.stream.write(line + "\n")
+        self.stream.flush()
+        log.info(line)
+
+    def close(self) -> None:
+        if self.live:
+            self.stream.write("\r" + self.text() + "\n")
+            self.stream.flush()
+
+
+def _hms(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 def run(manifest_uri: str, lake_uri: str, cfg: InferConfig, *,
         storage_options: StorageLike = None, run_id: str | None = None,
         job_kind: str = "infer", progress: bool = True,
         on_commit: Callable[[int], None] | None = None,
-        model_versions: dict[str, str] | None = None) -> RunSummary:
-    """Process a manifest into the lake. Requires a connected Ray (``ray.init`` done by caller).
+        model_versions: dict[str, str] | None = None,
+        cluster_gpus_override: float | None = None) -> RunSummary:
+    """Process a manifest into the lake. Requires a connected Ray (:func:`init_ray`).
 
     Args:
         manifest_uri: Parquet/CSV manifest (validated by :func:`rootflow.io.manifest.read_manifest`).
         lake_uri: root of the Delta tables (``traits``, ``runs``, ``rejects``) and masks.
         cfg: what to run.
-        storage_options: object-storage settings (credentials are never logged or stored).
+        storage_options: object-storage settings (credentials are never logged or stored, and
+            workers get theirs from the standard provider chain, not from here).
         run_id: defaults to a fresh id.
         job_kind: recorded in ``runs`` (``infer``, ``reprocess``, ``demo``).
-        progress: show Ray Data's progress bars.
+        progress: show images done/total, rate and time left (live on a terminal; one line per
+            commit always).
         on_commit: called with the number of rows committed so far (tests use it to kill us).
         model_versions: :func:`resolve_model_versions` already done by the caller (the CLI does
             it before starting Ray, so a bad model file fails in a second, not after Ray's
             start-up); None = resolve here.
+        cluster_gpus_override: GPUs to size the pool for instead of asking the cluster.
+
+    Returns a summary whose ``status`` is ``ok``, ``ok_with_rejects``, ``failed`` or
+    ``lease_held: ...`` (another live run holds the lake; nothing was done) and whose
+    ``exit_code`` is the command's.
     """
     import ray.data
 
     from rootflow.io.manifest import read_manifest
     from rootflow.lake import Lake
+    from rootflow.lake import lease as leaselib
+    from rootflow.lake.lease import LeaseHeld, RunLease, driver_identity
 
     t_start = time.perf_counter()
     so = StorageOptions.from_mapping(storage_options)
     so_dict = so.to_dict()
     run_id = run_id or f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress
+    ctx.enable_progress_bars = False  # ours (Progress) says images, rate and time left
     ctx.print_on_execution_start = False
 
     manifest = read_manifest(manifest_uri, storage_options=so)
     n_manifest = manifest.num_rows
     rows = select_rows(manifest, cfg)
+    n_out_of_range = n_manifest - rows.num_rows
     if model_versions is None:
         versions = resolve_model_versions(cfg, so)
     else:
@@ -365,44 +719,61 @@ def run(manifest_uri: str, lake_uri: str, cfg: InferConfig, *,
         if set(versions) != set(cfg.producers):
             raise ValueError(f"model_versions has {sorted(versions)}, the run's producers are "
                              f"{sorted(cfg.producers)}")
+    res = resolve_resources(cfg.resources, cluster_gpus_override)
+    cfg = dataclasses.replace(cfg, resources=res)
     lake = Lake(lake_uri, storage_options=so)
 
-    if cfg.skip_done and rows.num_rows:
-        done: set[str] | None = None
-        for producer, version in versions.items():
-            ids = lake.done_image_ids(model_name=producer, model_version=version)
-            done = ids if done is None else (done & ids)
-        if done:
-            keep = pc.invert(pc.is_in(rows["image_id"], pa.array(sorted(done), pa.string())))
-            rows = rows.filter(keep)
-    n_skipped = n_manifest - rows.num_rows
-
-    scope = scope_key(manifest_uri, cfg, versions)
-    config_record = {"infer": cfglib.to_dict(cfg), "storage": so.redacted(), "scope": scope}
+    scope = scope_key(lake_uri, cfg)
+    config_record = {"infer": cfglib.to_dict(cfg), "storage": so.redacted(), "scope": scope,
+                     "driver": driver_identity()}
     lake.start_run(run_id=run_id, job_kind=job_kind, manifest_uri=manifest_uri,
                    config=config_record, model_versions=versions, code_version=code_version())
-    holder = _acquire_lease(lake, run_id, scope, cfg)
-    if holder is not None:
-        lake.finish_run(run_id, n_ok=0, n_rejected=0, status=f"skipped: run {holder} in progress")
-        return RunSummary(run_id=run_id, status=f"skipped: run {holder} in progress",
-                          n_manifest=n_manifest, n_skipped=n_manifest, n_images=0,
-                          n_images_ok=0, n_images_rejected=0, n_traits_rows=0, n_reject_rows=0,
-                          wall_s=time.perf_counter() - t_start, stage_s={},
-                          model_versions=versions, lake_uri=lake_uri, reject_reasons={},
-                          commits=0)
+    lease = RunLease(lake, run_id, scope, ttl_s=cfg.lease_ttl_s,
+                     heartbeat_s=cfg.lease_heartbeat_s,
+                     settle_s=leaselib.SETTLE_S if cfg.lease_settle_s is None
+                     else cfg.lease_settle_s)
+    lease.start_heartbeat()
+
+    def summary(status: str, **kw: Any) -> RunSummary:
+        base: dict[str, Any] = dict(
+            run_id=run_id, status=status, n_manifest=n_manifest, n_skipped=n_manifest,
+            n_images=0, n_images_ok=0, n_images_rejected=0, n_traits_rows=0, n_reject_rows=0,
+            wall_s=time.perf_counter() - t_start, stage_s={}, model_versions=versions,
+            lake_uri=lake_uri, reject_reasons={}, commits=0,
+            resources=cfglib.to_dict(res), taken_over=list(lease.taken_over))
+        base.update(kw)
+        return RunSummary(**base)
+
+    try:
+        lease.acquire(wait_s=cfg.wait_for_lease_s)
+    except LeaseHeld as e:
+        lease.stop()
+        status = f"lease_held: {e}"
+        lake.finish_run(run_id, n_ok=0, n_rejected=0, status=status)
+        return summary(status)
 
     counts = {"traits": 0, "reject": 0, "commits": 0}
     stage_s = dict.fromkeys(stages.TIMING_STAGES, 0.0)
     rejected_images: set[str] = set()
     reasons: dict[str, int] = {}
+    actors: dict[str, float] = {}
     status = "failed"
+    n_skipped_done = n_reject_skipped = 0
+    out_bytes: dict[str, int] = {}
     try:
+        # What is done is read only once we hold the lease: a run that finished just before
+        # has committed everything it did.
+        rows, n_skipped_done, n_reject_skipped = plan_work(rows, lake, versions, cfg, so_dict)
+        prog = Progress(rows.num_rows, live=None if progress else False) if progress else None
         if rows.num_rows:
             ds = build_dataset(rows, cfg=cfg, lake_uri=lake_uri, run_id=run_id,
-                               model_versions=versions, storage_options=so_dict)
+                               model_versions=versions,
+                               storage_options=worker_storage_options(so))
             buf: dict[str, list[dict[str, Any]]] = {"traits": [], "reject": []}
+            fp_cache: dict[str, str] = {}
 
             def flush() -> None:
+                lease.check()
                 now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
                 if buf["traits"]:
                     for r in buf["traits"]:
@@ -412,12 +783,18 @@ def run(manifest_uri: str, lake_uri: str, cfg: InferConfig, *,
                 if buf["reject"]:
                     for r in buf["reject"]:
                         r["at"] = now
+                        r["model_version"] = versions.get(r["model_name"])
+                        uri = r.get("image_uri")
+                        if uri and uri not in fp_cache:
+                            fp_cache[uri] = file_fingerprint(uri, so_dict)
+                        r["source_fingerprint"] = fp_cache.get(uri) if uri else None
                     lake.commit_rejects(buf["reject"])
                     counts["commits"] += 1
                 counts["traits"] += len(buf["traits"])
                 counts["reject"] += len(buf["reject"])
                 buf["traits"], buf["reject"] = [], []
-                lake.heartbeat(run_id)
+                if prog:
+                    prog.commit(counts["traits"] + counts["reject"], counts["commits"])
                 if on_commit:
                     on_commit(counts["traits"] + counts["reject"])
 
@@ -430,46 +807,63 @@ def run(manifest_uri: str, lake_uri: str, cfg: InferConfig, *,
                         key = rec["reason"].split(":", 2)
                         short = ":".join(key[:2])
                         reasons[short] = reasons.get(short, 0) + 1
+                for a, w in zip(batch["actor"], batch["image_weight"], strict=True):
+                    if a:
+                        actors[str(a)] = actors.get(str(a), 0.0) + float(w)
+                if prog:
+                    prog.update(float(np.sum(batch["image_weight"])))
                 for s in stages.TIMING_STAGES:
                     stage_s[s] += float(np.sum(batch[f"t_{s}"]))
                 if len(buf["traits"]) + len(buf["reject"]) >= cfg.commit_every:
                     flush()
             flush()
+            if prog:
+                prog.close()
+            out_bytes = _operator_output_bytes(ds)
+            from rootflow.lake.maintenance import compact_touched
+
+            compact_touched(lake)  # few, large files in the partitions this run wrote (docs/lake.md)
         status = "ok" if not rejected_images else "ok_with_rejects"
     finally:
+        lease.stop()
         n_images = rows.num_rows
         n_rej = len(rejected_images)
-        lake.finish_run(run_id, n_ok=n_images - n_rej if status != "failed" else counts["traits"],
-                        n_rejected=n_rej, status=status)
-    return RunSummary(
-        run_id=run_id, status=status, n_manifest=n_manifest, n_skipped=n_skipped,
-        n_images=rows.num_rows, n_images_ok=rows.num_rows - len(rejected_images),
+        try:
+            lake.finish_run(run_id, n_ok=n_images - n_rej if status != "failed"
+                            else counts["traits"], n_rejected=n_rej, status=status)
+        except Exception as e:  # do not hide the run's own error behind this one
+            log.error("run %s: could not record its end: %s", run_id, e)
+    return summary(
+        status, n_skipped=n_out_of_range + n_skipped_done, n_images=rows.num_rows,
+        n_images_ok=rows.num_rows - len(rejected_images),
         n_images_rejected=len(rejected_images), n_traits_rows=counts["traits"],
         n_reject_rows=counts["reject"], wall_s=time.perf_counter() - t_start,
-        stage_s={k: round(v, 3) for k, v in stage_s.items() if v > 0}, model_versions=versions,
-        lake_uri=lake_uri, reject_reasons=reasons, commits=counts["commits"])
+        stage_s={k: round(v, 3) for k, v in stage_s.items() if v > 0},
+        reject_reasons=reasons, commits=counts["commits"], n_reject_skipped=n_reject_skipped,
+        actors={k: round(v, 3) for k, v in sorted(actors.items())}, output_bytes=out_bytes,
+        object_store_bytes_per_image=round(sum(out_bytes.values()) / rows.num_rows, 1)
+        if rows.num_rows else 0.0)
+
+
+def _operator_output_bytes(ds: Any) -> dict[str, int]:
+    """Output bytes per operator from Ray Data's own execution stats (empty if unavailable)."""
+    out: dict[str, int] = {}
+    try:
+        todo = [ds.get_stats_summary()]
+        while todo:
+            summ = todo.pop()
+            for op in getattr(summ, "operators_stats", []) or []:
+                b = getattr(op, "output_size_bytes", None)
+                if b is not None:
+                    out[op.operator_name] = out.get(op.operator_name, 0) + int(b.sum)
+            todo.extend(getattr(summ, "parents", []) or [])
+    except Exception as e:  # stats are diagnostics: never fail a run over them
+        log.debug("no Ray Data stats: %s", e)
+    return out
 
 
 def _iter(ds: Any) -> Iterator[dict[str, np.ndarray]]:
     yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
-
-
-def _acquire_lease(lake: Any, run_id: str, scope: str, cfg: InferConfig) -> str | None:
-    """Return None when this run may proceed, else the id of the live run holding the scope.
-
-    The ``runs`` table is the lock: every run appends its row (with its scope) before working and
-    heartbeats at each commit. Among live runs of the same scope (heartbeat younger than
-    ``lease_ttl_s``), the earliest-started wins; ties break on run id. Runs killed mid-way stop
-    heartbeating and lose the lease after the TTL, so a re-run can finish their work.
-    """
-    deadline = time.monotonic() + cfg.wait_for_lease_s
-    while True:
-        holder = lake.lease_holder(scope=scope, ttl_s=cfg.lease_ttl_s)
-        if holder is None or holder == run_id:
-            return None
-        if time.monotonic() >= deadline:
-            return str(holder)
-        time.sleep(min(10.0, max(0.5, cfg.lease_ttl_s / 10)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -483,9 +877,20 @@ def format_summary(s: RunSummary) -> str:
         f"  rows committed: {s.n_traits_rows} traits, {s.n_reject_rows} rejects in {s.commits} commits",
         f"  throughput: {s.images_per_s:.2f} images/s over {s.wall_s:.1f} s wall",
     ]
+    if s.object_store_bytes_per_image:
+        lines.append(f"  object store: {s.object_store_bytes_per_image / 1e3:.0f} kB per image "
+                     "(all operators' outputs, Ray Data stats)")
     if s.stage_s:
         per = ", ".join(f"{k} {v:.1f}" for k, v in s.stage_s.items())
         lines.append(f"  stage time (summed over workers, s): {per}")
+    if s.n_reject_skipped:
+        lines.append(f"  {s.n_reject_skipped} producer runs not retried: rejected before for the "
+                     "same model version and file (--retry-rejects to retry them)")
+    if s.actors:
+        lines.append(f"  model actors: {len(s.actors)} (" + ", ".join(
+            f"{k}: {v:.0f} images" for k, v in s.actors.items()) + ")")
+    if s.taken_over:
+        lines.append("  took over the lease of dead run(s): " + ", ".join(s.taken_over))
     lines.append("  model versions: " + ", ".join(f"{k}={v}" for k, v in s.model_versions.items()))
     if s.reject_reasons:
         lines.append("  reject reasons: " + "; ".join(f"{k} x{v}" for k, v in s.reject_reasons.items()))

@@ -61,6 +61,16 @@ def _opt(batch: Batch, col: str, i: int) -> Any:
     return v
 
 
+def todo(batch: Batch, i: int, producers: tuple[str, ...]) -> tuple[str, ...]:
+    """Producers still to run for row ``i``: the ``todo`` column (comma-separated, set by the
+    driver from what the lake already holds per producer and version), else all of them."""
+    val = _opt(batch, "todo", i)
+    if val is None:
+        return producers
+    wanted = set(str(val).split(","))
+    return tuple(p for p in producers if p in wanted)
+
+
 #: Type of every object column that travels between stages. Arrow infers a block's types from
 #: its values, so an optional column that is all-None in one block and bytes in the next would
 #: not unify; "missing" is therefore an *empty value of the column's type* ("" / b"" / an empty
@@ -75,7 +85,8 @@ MASK_PRODUCERS = ("forest", "unet", "rootsam")
 COLUMN_KINDS: dict[str, Any] = {
     "error": _STR, "image_bytes": _BYTES, "mask_bytes": _BYTES, "image": _IMAGE,
     "mask_png": _BYTES, "rootquant_model_version": _STR,
-    "traits_mask": _STR, "error_mask": _STR, "rootquant_error": _STR,
+    "traits_mask": _STR, "error_mask": _STR, "rootquant_error": _STR, "todo": _STR,
+    "actor": _STR, "rootquant_params": _STR,
 }
 for _p in MASK_PRODUCERS:
     COLUMN_KINDS.update({f"{_p}_mask_png": _BYTES, f"{_p}_mask_uri": _STR,
@@ -171,6 +182,8 @@ def read_bytes(batch: Batch, *, storage_options: dict[str, Any] | None = None,
                 mask = read_with_retries(masks[i], storage_options)
             except Exception as e:
                 return None, None, _fail("read_mask", e)
+            if not mask:  # b"" would travel as "no mask" (see _opt) and skip the mask's checks
+                return None, None, "decode_mask: ImageDecodeError: empty mask file (0 bytes)"
         return img, mask, None
 
     with ThreadPoolExecutor(max_workers=max(1, min(threads, n))) as pool:
@@ -180,6 +193,14 @@ def read_bytes(batch: Batch, *, storage_options: dict[str, Any] | None = None,
     batch["error"] = _objects([r[2] for r in results])
     _timed(batch, "read", t0)
     return normalize(batch)
+
+
+def decode_masks_only(batch: Batch) -> Batch:
+    """:func:`decode` for runs without a model: the image is decoded (validated, its bit depth
+    known) but dropped at once, since traits need only the masks."""
+    batch = decode(batch)
+    batch.pop("image", None)
+    return batch
 
 
 def decode(batch: Batch) -> Batch:
@@ -237,14 +258,20 @@ def _decode_row(data: bytes, mdata: bytes | None) -> tuple[np.ndarray, int, byte
 
 def mask_uri_for(lake_uri: str, model_name: str, model_version: str, row: dict[str, Any]) -> str:
     """Deterministic URI of a produced mask, so re-runs overwrite instead of duplicating."""
-    safe_version = "".join(c if c.isalnum() or c in "._+-" else "_" for c in model_version)
-    return storage.join(lake_uri, "masks", model_name, safe_version, f"year={row['year']}",
-                        f"tube={row['tube']}", f"{row['image_id']}.png")
+    safe_version = "".join(c if c.isalnum() or c in "._+-~" else "_" for c in model_version)
+    parts = [model_name, safe_version, f"year={row['year']}", f"tube={row['tube']}",
+             f"{row['image_id']}.png"]
+    for part in parts:
+        if not part or "/" in part or "\\" in part or part in (".", "..") or \
+                part.startswith("..") or "\x00" in part:
+            raise ValueError(f"refusing to write a mask outside the lake: path part {part!r}")
+    return storage.join(lake_uri, "masks", *parts)
 
 
 def traits(batch: Batch, *, producers: tuple[str, ...], lake_uri: str,
            storage_options: dict[str, Any] | None = None,
-           trait_options: dict[str, Any] | None = None, write_masks: bool = True) -> Batch:
+           trait_options: dict[str, Any] | None = None, write_masks: bool = True,
+           model_versions: dict[str, str] | None = None) -> Batch:
     """Measure traits of the given mask (producer ``mask``) and of every model's mask.
 
     Adds ``traits_<p>`` (JSON string or None) for ``mask`` and each requested producer of
@@ -274,7 +301,8 @@ def traits(batch: Batch, *, producers: tuple[str, ...], lake_uri: str,
         if errors[i]:
             continue
         dpi = float(batch["dpi"][i])
-        if "mask" in producers:
+        row_todo = todo(batch, i, producers)
+        if "mask" in row_todo:
             png = _opt(batch, "mask_png", i)
             if png is None:
                 result["error_mask"][i] = "traits: no mask_uri for this image"
@@ -284,6 +312,8 @@ def traits(batch: Batch, *, producers: tuple[str, ...], lake_uri: str,
                 except Exception as e:
                     result["error_mask"][i] = _fail("traits", e)
         for p in models:
+            if p not in row_todo:
+                continue
             png = _opt(batch, f"{p}_mask_png", i)
             if png is None:
                 result[f"error_{p}"][i] = _opt(batch, f"{p}_error", i) or f"{p}: no mask produced"
@@ -292,7 +322,8 @@ def traits(batch: Batch, *, producers: tuple[str, ...], lake_uri: str,
                 result[f"traits_{p}"][i] = measured(png, dpi)
                 if write_masks:
                     row = {k: batch[k][i] for k in ("year", "tube", "image_id")}
-                    uri = mask_uri_for(lake_uri, p, str(batch[f"{p}_model_version"][i]), row)
+                    version = (model_versions or {}).get(p) or str(batch[f"{p}_model_version"][i])
+                    uri = mask_uri_for(lake_uri, p, version, row)
                     storage.write_bytes(uri, png, storage_options)
                     result[f"{p}_mask_uri"][i] = uri
             except Exception as e:
@@ -336,20 +367,26 @@ def to_records(batch: Batch, *, producers: tuple[str, ...], run_id: str,
         base["run_id"] = run_id
         out: list[tuple[str, dict[str, Any]]] = []
         err = errors[i]
+        row_todo = todo(batch, i, producers)
         if err:
             stage = err.split(":", 1)[0]
-            for p in producers:
+            for p in row_todo:
                 out.append(("reject", {**base, "model_name": p, "stage": stage,
                                        "reason": err}))
         else:
-            for p in producers:
+            for p in row_todo:
                 out.append(_producer_record(batch, i, p, base, model_versions))
         for kind, rec in out:
             kinds.append(kind)
             records.append(rec)
             weights.append((i, 1.0 / len(out)))
+    actors = [_opt(batch, "actor", i) or "" for i in range(n)]
     res: Batch = {"kind": np.asarray(kinds, dtype=object),
-                  "record": _objects([pickle.dumps(r, protocol=5) for r in records])}
+                  "record": _objects([pickle.dumps(r, protocol=5) for r in records]),
+                  # which model actor handled the image, and the image's share of each record
+                  # (their sum per actor is its image count: the summary's per-actor work)
+                  "actor": _objects([actors[i] for i, _ in weights]),
+                  "image_weight": np.asarray([w for _, w in weights], dtype=np.float64)}
     for s in TIMING_STAGES:
         col = batch.get(f"t_{s}")
         res[f"t_{s}"] = np.asarray([float(col[i]) * w if col is not None else 0.0
@@ -374,7 +411,11 @@ def _producer_record(batch: Batch, i: int, producer: str, base: dict[str, Any],
             rec["mask_uri"] = _opt(batch, f"{producer}_mask_uri", i)
             rec["confidence"] = float(batch[f"{producer}_confidence"][i])
             rec["params"] = str(batch[f"{producer}_params"][i])
-            rec["model_version"] = str(batch[f"{producer}_model_version"][i])
+            mismatch = _version_mismatch(str(batch[f"{producer}_model_version"][i]),
+                                         model_versions[producer], producer)
+            if mismatch:
+                return "reject", {**base, "model_name": producer, "stage": producer,
+                                  "reason": mismatch}
         return "traits", rec
     if producer == "rootquant":
         err = _opt(batch, "rootquant_error", i)
@@ -382,15 +423,70 @@ def _producer_record(batch: Batch, i: int, producer: str, base: dict[str, Any],
         if err or length is None:
             return "reject", {**base, "model_name": producer, "stage": "rootquant",
                               "reason": err or "rootquant: no prediction"}
+        mismatch = _version_mismatch(str(batch["rootquant_model_version"][i]),
+                                     model_versions[producer], producer)
+        if mismatch:
+            return "reject", {**base, "model_name": producer, "stage": producer,
+                              "reason": mismatch}
         rec.update({"rootquant_length_mm": float(length),
                     "rootquant_area_mm2": float(batch["rootquant_area_mm2"][i]),
                     "rootquant_presence": float(batch["rootquant_presence"][i]),
-                    "model_version": str(batch["rootquant_model_version"][i]),
                     "mask_uri": None,
                     "params": _opt(batch, "rootquant_params", i)
                     or json.dumps({"source": "regression from image"})})
         return "traits", rec
     raise ValueError(f"unknown producer {producer!r}")
+
+
+def _version_mismatch(actor_version: str, run_version: str, producer: str) -> str | None:
+    """None when the model an actor loaded is the one the run resolved on the driver.
+
+    The run's version is the model's own (weights) version, optionally followed by
+    ``~<settings hash>`` (see :func:`rootflow.inference.pipeline.resolve_model_versions`).
+    """
+    if actor_version == run_version or run_version.startswith(actor_version + "~"):
+        return None
+    return (f"{producer}: the actor loaded model version {actor_version} but the run resolved "
+            f"{run_version} (the model file changed during the run?)")
+
+
+#: Columns each model stage adds (besides ``<name>_error`` and ``t_<name>``), so a batch in
+#: which a stage ran on no row still has them (blocks must keep one schema).
+STAGE_COLUMNS: dict[str, tuple[str, ...]] = {
+    **{p: (f"{p}_mask_png", f"{p}_confidence", f"{p}_model_version", f"{p}_params")
+       for p in MASK_PRODUCERS},
+    "rootquant": ("rootquant_length_mm", "rootquant_area_mm2", "rootquant_presence",
+                  "rootquant_model_version", "rootquant_params"),
+}
+
+
+def _take(batch: Batch, idx: np.ndarray) -> Batch:
+    return {k: v[idx] for k, v in batch.items()}
+
+
+def _scatter(full: Batch, part: Batch, idx: np.ndarray, name: str) -> Batch:
+    """Columns ``part`` (rows ``idx`` of ``full``) added or changed, spread back over ``full``;
+    other rows get the column's missing value."""
+    n = _n(full)
+    out = dict(full)
+    cols = ((set(part) - set(full)) | set(STAGE_COLUMNS.get(name, ()))
+            | {f"{name}_error", f"t_{name}"})
+    for col in sorted(cols):
+        src = part.get(col)
+        if src is not None and src.dtype != object and np.issubdtype(src.dtype, np.number):
+            fill = np.nan if np.issubdtype(src.dtype, np.floating) and \
+                not col.startswith("t_") else 0
+            arr = np.full(n, fill, dtype=src.dtype)
+            if col in full and full[col].dtype == src.dtype:
+                arr[:] = full[col]
+        else:
+            arr = _objects(list(full[col]) if col in full else [None] * n)
+        if src is not None:
+            arr[idx] = src
+        elif col == f"t_{name}":
+            arr = np.zeros(n, dtype=np.float64)
+        out[col] = arr
+    return out
 
 
 class ModelActor:
@@ -410,14 +506,55 @@ class ModelActor:
     """
 
     def __init__(self, stages: list[tuple[str, Callable[..., Any], Any]],
-                 storage_options: dict[str, Any] | None = None) -> None:
+                 storage_options: dict[str, Any] | None = None,
+                 producers: tuple[str, ...] | None = None, decode_first: bool = False,
+                 drop_image: bool = False) -> None:
         self.stages = [(name, factory(cfg, storage_options=storage_options))
                        for name, factory, cfg in stages]
+        self.producers = producers or tuple(name for name, _, _ in stages)
+        self.decode_first = decode_first
+        self.drop_image = drop_image
+        self.ident = _actor_identity()
 
     def __call__(self, batch: Batch) -> Batch:
+        if self.decode_first:
+            # Compressed bytes travel to the actor and are decoded here: a 2550x2273 scan is
+            # ~1 MB as JPEG and 17 MB decoded, and the decoded pixels never cross nodes.
+            batch = decode(batch)
+        n = _n(batch)
         for name, stage in self.stages:
-            batch = run_guarded(name, stage, batch)
+            # Only rows whose ``todo`` names this producer run it (the others already have a
+            # row for this producer and version in the lake).
+            want = np.asarray([name in todo(batch, i, self.producers) for i in range(n)],
+                              dtype=bool)
+            if want.all():
+                batch = run_guarded(name, stage, batch)
+            else:
+                idx = np.flatnonzero(want)
+                part = run_guarded(name, stage, _take(batch, idx)) if idx.size else {}
+                batch = normalize(_scatter(batch, part, idx, name))
+        batch["actor"] = _objects([self.ident] * n)
+        if self.drop_image:
+            # The last stage that needs the pixels is done: traits need only the masks (PNG).
+            batch.pop("image", None)
         return batch
+
+
+def _actor_identity() -> str:
+    """``<node id[:8]>/gpu<ids>/pid<pid>``: which node, GPU slot and process ran an image."""
+    import os
+
+    node, gpus = "local", ""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ctx = ray.get_runtime_context()
+            node = ctx.get_node_id()[:8]
+            gpus = ",".join(str(g) for g in ray.get_gpu_ids())
+    except Exception:
+        pass
+    return f"{node}/gpu{gpus or '-'}/pid{os.getpid()}"
 
 
 def run_guarded(name: str, stage: Callable[[Batch], Batch], batch: Batch) -> Batch:

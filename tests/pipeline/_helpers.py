@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -82,3 +84,44 @@ def accounting(lake: Any, run_id: str, producers: tuple[str, ...], arch: Archive
         assert all(v == 1 for v in bad.values()), f"duplicate rejects rows for {p}"
         assert not set(ok) & set(bad), f"an image is both ok and rejected for {p}"
         assert len(ok) + len(bad) == arch.n_rows, (p, len(ok), len(bad), arch.n_rows)
+
+
+def direct_archive(root: Path, n: int, height: int, width: int, seed: int = 0) -> str:
+    """``n`` JPEGs with bright 'roots' drawn on soil-like noise, and their manifest (returned
+    URI), written straight from the rows: ~1 ms an image, for scale tests and benchmarks (the
+    synthetic archive costs ~0.1 CPU-s an image and caps n by its tube grid)."""
+    import datetime as dt
+
+    import cv2
+    import numpy as np
+    import pyarrow as pa
+
+    from rootflow.io.manifest import MANIFEST_SCHEMA, write_manifest
+
+    rng = np.random.default_rng(seed)
+    img_dir = root / "archive"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    t0 = dt.datetime(2024, 5, 1)
+    for i in range(n):
+        img = rng.integers(90, 140, size=(height, width, 3), dtype=np.uint8)
+        for _ in range(int(rng.integers(0, 4))):
+            p1 = tuple(int(v) for v in rng.integers(0, (width, height)))
+            p2 = tuple(int(v) for v in rng.integers(0, (width, height)))
+            cv2.line(img, p1, p2, (230, 225, 215), int(rng.integers(1, 4)))
+        name = f"T{i // 400:03d}_W{i % 20:02d}_S{i // 20 % 20:02d}.jpg"
+        path = img_dir / f"{i:06d}_{name}"
+        ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        path.write_bytes(bytes(buf))
+        rows.append({
+            "image_uri": str(path), "image_id": hashlib.sha256(str(path).encode()).hexdigest()[:20],
+            "file_name": path.name, "experiment": "scale", "tube": i // 400, "window": i % 20,
+            "session": i // 20 % 20, "captured_at": t0 + dt.timedelta(days=i // 8000),
+            "year": 2024, "operator": None, "dpi": 100.0, "depth_cm": float(i % 20) * 1.35,
+            "depth": int(i % 20 * 1.35 // 10 * 10), "mask_uri": None, "species": None,
+            "treatment": None, "tile": None,
+        })
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    uri = str(root / "manifest.parquet")
+    write_manifest(table, uri)
+    return uri

@@ -1,6 +1,7 @@
 """Real cluster behaviour on this machine: a head and two worker nodes started with ``ray start``
-on loopback, the job submitted through the Job Submission API, a worker node killed mid-run, and
-a driver killed mid-run then re-run.
+on loopback (each worker declaring two logical GPUs), the job submitted through the Job
+Submission API, a worker node killed mid-run, a driver killed mid-run then re-run, and the
+default model pool growing to every declared GPU slot.
 
 Each node is a ``ray start --block`` process in its own process group, so killing the group is a
 node dying (raylet, object store and workers at once), not a polite shutdown.
@@ -25,7 +26,7 @@ import pyarrow.compute as pc
 import pytest
 
 from rootflow.lake import Lake
-from tests.pipeline._helpers import counts_by_image, small_archive
+from tests.pipeline._helpers import counts_by_image, direct_archive, small_archive
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -57,6 +58,17 @@ class LocalCluster:
     def kill_node(self, proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
+
+    def worker_of_node(self, node_id: str) -> subprocess.Popen | None:
+        """The ``ray start`` process of a worker node (workers declare ``node_w<i>``)."""
+        from ray.util.state import list_nodes
+
+        for n in list_nodes(address=self.dashboard_url, raise_on_missing_output=False):
+            if n.node_id == node_id:
+                for i, proc in enumerate(self.workers):
+                    if f"node_w{i}" in (n.resources_total or {}):
+                        return proc
+        return None
 
     def alive_nodes(self) -> int:
         from ray.util.state import list_nodes
@@ -100,6 +112,9 @@ def _wait_nodes(cl: LocalCluster, n: int, tmp: str, timeout: float = 180) -> Non
         time.sleep(1)
 
 
+WORKER_GPUS = 2
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalCluster]:
     with local_cluster() as cl:
@@ -108,7 +123,8 @@ def cluster() -> Iterator[LocalCluster]:
 
 @contextlib.contextmanager
 def local_cluster() -> Iterator[LocalCluster]:
-    """A head (no CPUs: it only runs drivers) and two 4-CPU worker nodes on loopback."""
+    """A head (no CPUs: it only runs drivers) and two worker nodes on loopback, each with 4 CPUs
+    and 2 logical GPUs (``ray start --num-gpus``: slots for actors, no CUDA behind them)."""
     tmp = tempfile.mkdtemp(prefix="rf-cl-", dir="/tmp")
     gcs_port, dash_port = _port(), _port()
     head = _start(["--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
@@ -124,7 +140,9 @@ def local_cluster() -> Iterator[LocalCluster]:
     for i in range(3):
         if i:
             cl.workers.append(_start([f"--address={gcs}", "--node-ip-address=127.0.0.1",
-                                      "--num-cpus=4", "--object-store-memory=200000000",
+                                      "--num-cpus=4", f"--num-gpus={WORKER_GPUS}",
+                                      f'--resources={{"node_w{i - 1}": 1}}',
+                                      "--object-store-memory=200000000",
                                       *_node_ports()], Path(tmp) / f"worker{i - 1}.log"))
         _wait_nodes(cl, i + 1, tmp)
     workers = cl.workers
@@ -173,13 +191,43 @@ def _assert_complete(lake_uri: str, n_images: int, producers: tuple[str, ...]) -
 INFER_ARGS = ["--producers", "mask,rootsam", "--rootsam-config", "test",
               "--set", "rootsam.prompt_mode=lattice", "--set", "rootsam.lattice_points_per_side=4",
               "--set", "commit_every=4", "--set", "resources.block_rows=2",
-              "--set", "resources.model_batch_size=1"]
+              "--set", "resources.model_batch_size=1", "--gpus-per-actor", "0", "--actors", "1"]
+
+
+def test_default_pool_runs_an_actor_on_every_gpu_slot(cluster: LocalCluster, tmp_path) -> None:
+    """Guards against a GPU cluster running one model actor (the old fixed ``--gpus 1`` pool):
+    with no pool flags the job sizes its pool to the cluster's GPUs, and every declared GPU
+    slot runs an actor that does work (a small forest stands in for the GPU model)."""
+    from tests.inference._segment_helpers import tiny_forest
+
+    forest = tiny_forest(tmp_path / "forest")
+    # Enough work (~0.1 s an image for one actor) that the pool has time to grow.
+    n_rows = 1000
+    manifest = direct_archive(tmp_path, n_rows, 128, 160)
+    lake_uri = str(tmp_path / "lake")
+    # First in this module: the node-kill test below leaves one worker.
+    assert cluster.alive_nodes() == 1 + len(cluster.workers)
+    slots = WORKER_GPUS * len(cluster.workers)
+    cmd = [sys.executable, str(ROOT / "jobs" / "infer.py"), manifest, lake_uri,
+           "--producers", "forest", "--forest-model", forest.uri,
+           "--set", "resources.block_rows=1", "--set", "resources.model_batch_size=1",
+           "--set", "resources.model_num_cpus=0.5", "--set", "commit_every=1000",
+           "--address", cluster.gcs_address, "--summary-json", str(tmp_path / "s.json")]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["resources"]["model_num_gpus"] == 1.0
+    assert s["resources"]["model_actors"] == [1, slots]
+    used = {a.split("/pid")[0]: n for a, n in s["actors"].items()}
+    assert len(used) == slots, s["actors"]  # one actor per (node, GPU id)
+    assert all(n > 0 for n in used.values()) and sum(used.values()) == n_rows
+    _assert_complete(lake_uri, n_rows, ("forest",))
 
 
 def test_submit_job_and_survive_a_dead_worker_node(cluster: LocalCluster, tmp_path) -> None:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    arch = small_archive(str(tmp_path), n_images=24, bad=False, height=224, width=256)
+    arch = small_archive(str(tmp_path), n_images=32, bad=False, height=224, width=256)
     lake_uri = str(tmp_path / "lake")
     summary = tmp_path / "summary.json"
     client = JobSubmissionClient(cluster.dashboard_url)
@@ -192,12 +240,34 @@ def test_submit_job_and_survive_a_dead_worker_node(cluster: LocalCluster, tmp_pa
     def job_alive() -> str | None:
         status = client.get_job_status(job)
         if status in {JobStatus.FAILED, JobStatus.STOPPED, JobStatus.SUCCEEDED}:
-            return f"job {status} before rows appeared:\n{client.get_job_logs(job)[-4000:]}"
+            return f"job {status} before the node was killed:\n{client.get_job_logs(job)[-4000:]}"
         return None
 
-    _wait_rows(lake_uri, 4, timeout=400, alive=job_alive)
+    # The node we kill must provably be doing the job's work: it hosts the live model actor
+    # while the job runs and rows are still missing. (Looked up as soon as the actor exists:
+    # the state API is slow on two busy cores, and the job must not finish meanwhile.)
+    from ray.util.state import list_actors
+
+    seen: list[str] = []
+    model_actors: list = []
+    deadline = time.monotonic() + 400
+    while not model_actors:
+        problem = job_alive()
+        assert problem is None, problem
+        assert time.monotonic() < deadline, f"no live model actor while the job runs: {seen}"
+        actors = list_actors(address=cluster.dashboard_url, raise_on_missing_output=False,
+                             timeout=60)
+        seen = [f"{a.class_name}:{a.state}" for a in actors]
+        model_actors = [a for a in actors if a.state == "ALIVE"
+                        and "ModelActor" in (a.class_name or "")]
+        if not model_actors:
+            time.sleep(1)
+    victim = cluster.worker_of_node(model_actors[0].node_id)
+    assert victim is not None, "the model actor is not on a worker node"
+    rows_at_kill = Lake(lake_uri).read("traits").num_rows if Lake(lake_uri).exists() else 0
+    assert rows_at_kill < 2 * arch.n_rows, "the job had finished its rows before the kill"
     assert client.get_job_status(job) == JobStatus.RUNNING, "job ended before the node was killed"
-    cluster.kill_node(cluster.workers[0])
+    cluster.kill_node(victim)
     deadline = time.monotonic() + 420
     while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
                                              JobStatus.STOPPED}:
@@ -214,8 +284,10 @@ def test_submit_job_and_survive_a_dead_worker_node(cluster: LocalCluster, tmp_pa
 def test_killed_driver_rerun_finishes_without_duplicates(cluster: LocalCluster, tmp_path) -> None:
     arch = small_archive(str(tmp_path), n_images=16, bad=False, height=224, width=256)
     lake_uri = str(tmp_path / "lake")
+    # The default lease (heartbeat 30 s, expiry 120 s): the re-run must not wait for the TTL,
+    # because the dead driver's Ray job is provably dead.
     cmd = [sys.executable, str(ROOT / "jobs" / "infer.py"), arch.manifest_uri, lake_uri,
-           *INFER_ARGS, "--address", cluster.gcs_address, "--set", "lease_ttl_s=2"]
+           *INFER_ARGS, "--address", cluster.gcs_address]
     env = _env()
     log = (tmp_path / "driver1.log").open("w")
     first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -232,14 +304,19 @@ def test_killed_driver_rerun_finishes_without_duplicates(cluster: LocalCluster, 
     runs = Lake(lake_uri).read("runs").to_pylist()
     assert [r["status"] for r in runs] == ["running"]  # it never got to say otherwise
 
-    time.sleep(2.5)  # the dead run's lease expires (lease_ttl_s=2)
+    first_id = runs[0]["run_id"]
+    t0 = time.monotonic()
     second = subprocess.run([*cmd, "--summary-json", str(tmp_path / "s2.json")], env=env,
                             capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert time.monotonic() - t0 < 300
     s2 = json.loads((tmp_path / "s2.json").read_text())
+    assert s2["taken_over"] == [first_id]
     assert s2["n_skipped"] >= 1, "the re-run did not resume: it redid finished images"
     assert s2["n_images"] + s2["n_skipped"] == arch.n_rows
     _assert_complete(lake_uri, arch.n_rows, ("mask", "rootsam"))
     runs = Lake(lake_uri).read("runs")
     done = runs.filter(pc.equal(runs["run_id"], s2["run_id"])).to_pylist()
     assert done[0]["status"] == "ok"
+    dead = runs.filter(pc.equal(runs["run_id"], first_id)).to_pylist()
+    assert dead[0]["status"].startswith("dead: ") and s2["run_id"] in dead[0]["status"]

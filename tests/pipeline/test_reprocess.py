@@ -3,35 +3,109 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
 from rootflow.cli import app
-from rootflow.inference.pipeline import InferConfig, resolve_model_versions, run, scope_key
+from rootflow.inference.pipeline import InferConfig, run, scope_key
 from rootflow.lake import Lake
 from tests.pipeline._helpers import small_archive
 
 pytestmark = pytest.mark.ray
 
 
-def test_overlapping_run_on_same_scope_does_no_work(ray_local, tmp_path) -> None:
+def test_overlapping_run_on_same_lake_does_no_work(ray_local, tmp_path) -> None:
+    """Guards against a second run working while another live run holds the lake: it must do
+    nothing, say who holds the lease, and exit 4 from the CLI; once the holder is done, the
+    next run works. The scope is the lake, not the manifest (a nightly re-listing writes a new
+    manifest each night, which must not make a new scope)."""
     arch = small_archive(str(tmp_path), n_images=2, bad=False)
     lake_uri = str(tmp_path / "lake")
     cfg = InferConfig(producers=("mask",))
     lake = Lake(lake_uri)
-    scope = scope_key(arch.manifest_uri, cfg, resolve_model_versions(cfg))
-    # Another scheduler's run is in progress on the same scope (fresh heartbeat).
-    lake.start_run(run_id="0-other", job_kind="reprocess", manifest_uri=arch.manifest_uri,
-                   config={"scope": scope}, model_versions={}, code_version="x")
+    # Another scheduler's run is in progress on the same lake (fresh heartbeat), with another
+    # manifest.
+    lake.start_run(run_id="0-other", job_kind="reprocess", manifest_uri="s3://x/other.parquet",
+                   config={"scope": scope_key(lake_uri, cfg)}, model_versions={},
+                   code_version="x")
     s = run(arch.manifest_uri, lake_uri, cfg, progress=False)
-    assert s.status.startswith("skipped") and "0-other" in s.status
+    assert s.status.startswith("lease_held") and "0-other" in s.status
+    assert s.exit_code == 4
     assert s.n_traits_rows == 0 and lake.read("traits").num_rows == 0
+    res = CliRunner().invoke(app, ["infer", arch.manifest_uri, lake_uri, "--producers", "mask"])
+    assert res.exit_code == 4, res.output
+    assert "0-other" in res.output and "holds the lease" in res.output
     # Once that run has finished, the next run does the work.
     lake.finish_run("0-other", n_ok=0, n_rejected=0, status="ok")
     s = run(arch.manifest_uri, lake_uri, cfg, progress=False)
-    assert s.status == "ok" and s.n_images == 2
+    assert s.status == "ok" and s.n_images == 2 and s.exit_code == 0
+
+
+def test_dead_run_is_marked_and_its_lease_taken_over(ray_local, tmp_path) -> None:
+    """Guards against a killed run blocking the lake forever, or being left as "running" in
+    the runs table: once its heartbeat is older than the TTL, the next run takes the lease over
+    and marks the dead run's row."""
+    arch = small_archive(str(tmp_path), n_images=2, bad=False)
+    lake_uri = str(tmp_path / "lake")
+    cfg = InferConfig(producers=("mask",), lease_ttl_s=1.0, lease_heartbeat_s=0.5)
+    lake = Lake(lake_uri)
+    lake.start_run(run_id="0-dead", job_kind="reprocess", manifest_uri=arch.manifest_uri,
+                   config={"scope": scope_key(lake_uri, cfg)}, model_versions={},
+                   code_version="x")
+    time.sleep(1.5)  # no heartbeat: its lease expires
+    s = run(arch.manifest_uri, lake_uri, cfg, progress=False)
+    assert s.status == "ok" and s.n_images == 2 and s.taken_over == ["0-dead"]
+    rows = {r["run_id"]: r for r in lake.read("runs").to_pylist()}
+    assert rows["0-dead"]["status"].startswith("dead: no heartbeat")
+    assert s.run_id in rows["0-dead"]["status"] and rows["0-dead"]["finished_at"] is not None
+
+
+def test_two_runs_started_together_one_works_no_duplicates(ray_local, tmp_path) -> None:
+    """Guards against two overlapping nightly runs of the same archive both processing it
+    (duplicated work, racing commits): started at once, with heartbeats faster than the run,
+    the runs table must show that they overlapped in time, exactly one did the work, the other
+    gave way with the holder's id, and no traits row is duplicated."""
+    import threading
+
+    arch = small_archive(str(tmp_path), n_images=4, bad=False)
+    lake_uri = str(tmp_path / "lake")
+    cfg = InferConfig(producers=("mask",), lease_ttl_s=6.0, lease_heartbeat_s=1.0,
+                      lease_settle_s=1.5, commit_every=1)
+    results: dict[str, object] = {}
+    barrier = threading.Barrier(2)
+
+    def one(name: str) -> None:
+        barrier.wait()
+        try:
+            results[name] = run(arch.manifest_uri, lake_uri, cfg, progress=False,
+                                run_id=f"night-{name}", job_kind="reprocess")
+        except Exception as e:  # surfaced below
+            results[name] = e
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    summaries = list(results.values())
+    assert all(not isinstance(s, Exception) for s in summaries), summaries
+    worked = [s for s in summaries if s.status == "ok"]
+    gave_way = [s for s in summaries if s.status.startswith("lease_held")]
+    assert len(worked) == 1 and len(gave_way) == 1, [s.status for s in summaries]
+    assert worked[0].run_id in gave_way[0].status and gave_way[0].exit_code == 4
+    assert worked[0].n_images == 4 and gave_way[0].n_traits_rows == 0
+    runs = {r["run_id"]: r for r in Lake(lake_uri).read("runs").to_pylist()}
+    w, g = runs[worked[0].run_id], runs[gave_way[0].run_id]
+    assert w["started_at"] < g["finished_at"] and g["started_at"] < w["finished_at"], \
+        "the two runs did not overlap in time"
+    assert w["scope"] == g["scope"]
+    traits = Lake(lake_uri).read("traits")
+    assert traits.num_rows == 4
+    assert set(traits["run_id"].to_pylist()) == {worked[0].run_id}
+    assert len(set(traits["image_id"].to_pylist())) == 4
 
 
 def test_reprocess_cli_lists_archive_again_and_respects_dates(ray_local, tmp_path) -> None:

@@ -63,7 +63,8 @@ def test_forest_producer_rows_masks_rejects_and_reruns(ray_local, tmp_path, fore
 
     cfg = InferConfig(producers=("mask", "forest"), forest={"model": forest.uri})
     s2 = run(arch.manifest_uri, lake_uri, cfg, progress=False)
-    assert s2.n_skipped == arch.n_rows - len(arch.bad_ids)
+    # done images skipped; the bad ones (same files, same versions) not retried either
+    assert s2.n_skipped == arch.n_rows and s2.n_reject_skipped == 2 * len(arch.bad_ids)
     assert lake.read("traits").num_rows == n_rows
     s3 = run(arch.manifest_uri, lake_uri, dataclasses.replace(cfg, skip_done=False),
              progress=False)
@@ -97,8 +98,9 @@ def test_unusable_model_is_one_line_and_exit_2_before_ray(case, forest, tmp_path
         "short_digest": (["--producers", "forest", "--forest-model", forest.uri,
                           "--forest-sha256", forest.sha256[:12]], "64-hex"),
     }[case]
-    res = CliRunner().invoke(app, ["infer", str(tmp_path / "m.parquet"), str(tmp_path / "lake"),
-                                   *args])
+    manifest = small_archive(str(tmp_path / "arch"), n_images=1, bad=False,
+                             height=64, width=80).manifest_uri  # a valid one: the model fails
+    res = CliRunner().invoke(app, ["infer", manifest, str(tmp_path / "lake"), *args])
     assert res.exit_code == 2, res.output
     assert "Traceback" not in res.output
     assert len(res.stderr.strip().splitlines()) == 1 and expect in res.stderr
