@@ -7,9 +7,21 @@ STAMP  := $(VENV)/.rootflow-installed
 PIP    := $(PY) -m pip install --progress-bar off -c constraints.txt
 export ROOTFLOW_REAL_DATA ?= $(abspath ../shared/data/real)
 
-.PHONY: install demo test test-fast lint typecheck bench clean
+.PHONY: install browser demo test test-fast lint typecheck bench clean
 
-install: $(STAMP)
+install: $(STAMP) browser
+
+# The browser the studio's test drives: Debian's chromium (Playwright never downloads one).
+# As root on Debian (CI) it is installed with apt when missing; elsewhere a note is printed and
+# the browser test skips (it fails instead under CI=true).
+browser:
+	@if command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q chromium chromium-driver || \
+	  { apt-get update -q && apt-get install -y -q chromium chromium-driver; }; \
+	else echo "note: chromium is missing and this is not root on Debian: the studio browser" \
+	  "test will skip (run: sudo apt-get install -y chromium chromium-driver)"; fi
 
 # torch + torchvision first (PyPI builds, run on CPU), then sam2 without build isolation and
 # without its CUDA extension (its setup.py imports torch; isolation would fetch a second
@@ -26,7 +38,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/rootflow demo --out demo-output
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: $(STAMP)

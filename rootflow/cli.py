@@ -38,6 +38,7 @@ def _register_all() -> None:
     from rootflow.inference import _cli as inference_cli
     from rootflow.io import _cli as manifest_cli
     from rootflow.lake import _cli as lake_cli
+    from rootflow.studio import _cli as studio_cli
     from rootflow.synth import _cli as synth_cli
     from rootflow.training import _cli as training_cli
     from rootflow.traits import _cli as traits_cli
@@ -45,6 +46,7 @@ def _register_all() -> None:
     for module in (synth_cli, manifest_cli, traits_cli, inference_cli, training_cli,
                    evaluation_cli, lake_cli, dynamics_cli):
         module.register(app)
+    studio_cli.register(app)
 
 
 _register_all()
