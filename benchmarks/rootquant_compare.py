@@ -40,27 +40,12 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks.rootquant_finetune import run_in_process  # noqa: E402
-from benchmarks.rootquant_synth import make_archive  # noqa: E402
+from benchmarks.rootquant_synth import make_archive, score_table  # noqa: E402
 
 
 def score(uri: str, table, *, threshold: float | None = None) -> dict[str, float]:  # type: ignore[no-untyped-def]
     """Length/area R2 etc. of a checkpoint on a label table, through the inference predictor."""
-    from rootflow.evaluation import metrics as rm
-    from rootflow.inference.rootquant import RootQuantPredictor
-    from rootflow.io import images, storage
-
-    pred = RootQuantPredictor.from_checkpoint(uri, device="cpu", tile_batch=64,
-                                              presence_threshold=threshold)
-    rows = table.to_pylist()
-    out = []
-    for s in range(0, len(rows), 16):
-        chunk = rows[s:s + 16]
-        imgs = [images.decode(storage.read_bytes(r["image_uri"]))[0] for r in chunk]
-        out += pred.predict_many(imgs, dpis=[r["dpi"] for r in chunk])
-    return rm.regression_report(
-        pred_length_mm=[p.length_mm for p in out], true_length_mm=table["length_mm"].to_numpy(),
-        pred_area_mm2=[p.area_mm2 for p in out], true_area_mm2=table["area_mm2"].to_numpy(),
-        presence=[p.presence for p in out])
+    return score_table(uri, table, presence_threshold=threshold)
 
 
 def synth_sets(work: pathlib.Path, n_train: int, n_test: int):  # type: ignore[no-untyped-def]

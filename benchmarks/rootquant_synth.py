@@ -56,12 +56,20 @@ TRAIN_COLUMNS = {**GT_COLUMNS, "mask": "mask_uri"}
 def evaluate(model_uri: str, gt_uri: pathlib.Path, *, presence_threshold: float | None = 0.5
              ) -> dict[str, float]:
     """Score a RootQuant checkpoint on an archive through the inference predictor."""
-    from rootflow.evaluation import metrics as rm
-    from rootflow.inference.rootquant import RootQuantPredictor
-    from rootflow.io import images, storage
     from rootflow.training import labels as L
 
     lab = L.read_labels(str(gt_uri), columns=L.LabelColumns(**GT_COLUMNS))
+    return score_table(model_uri, lab, presence_threshold=presence_threshold)
+
+
+def score_table(model_uri: str, lab, *, presence_threshold: float | None = 0.5  # type: ignore[no-untyped-def]
+                ) -> dict[str, float]:
+    """Length/area R2 etc. of a checkpoint on a label table (image_uri, dpi, length_mm,
+    area_mm2), through the inference predictor, 16 images at a time."""
+    from rootflow.evaluation import metrics as rm
+    from rootflow.inference.rootquant import RootQuantPredictor
+    from rootflow.io import images, storage
+
     pred = RootQuantPredictor.from_checkpoint(model_uri, device="cpu", tile_batch=64,
                                               presence_threshold=presence_threshold)
     out = []

@@ -23,7 +23,7 @@ lists for OR).
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -132,33 +132,30 @@ def _row_filter(filters: Filter | None, pin: Mapping[str, str] | None = None) ->
 _OPS = ("=", "==", "!=", "<", "<=", ">", ">=", "in", "not in")
 
 
-def _term(col: str, op: str, value: Any) -> pc.Expression:
-    values = value if isinstance(value, list | tuple | set) else [value]
-    f = string_field(col) if any(isinstance(v, str) for v in values) else pc.field(col)
-    ops = {"=": f.__eq__, "==": f.__eq__, "!=": f.__ne__, "<": f.__lt__, "<=": f.__le__,
-           ">": f.__gt__, ">=": f.__ge__}
+def _compare(c: Any, op: str, value: Any, isin: Callable[[list[Any]], Any]) -> Any:
+    """``c op value`` for an Arrow or a Polars column expression (same operators, same rules)."""
+    ops = {"=": c.__eq__, "==": c.__eq__, "!=": c.__ne__, "<": c.__lt__, "<=": c.__le__,
+           ">": c.__gt__, ">=": c.__ge__}
     if op in ops:
         return ops[op](value)
     if op == "in":
-        return f.isin(list(value))
+        return isin(list(value))
     if op == "not in":
-        return ~f.isin(list(value))
+        return ~isin(list(value))
     raise ValueError(f"unsupported filter op {op!r}; use one of {list(_OPS)}")
+
+
+def _term(col: str, op: str, value: Any) -> pc.Expression:
+    values = value if isinstance(value, list | tuple | set) else [value]
+    f = string_field(col) if any(isinstance(v, str) for v in values) else pc.field(col)
+    return _compare(f, op, value, f.isin)
 
 
 def _polars_term(col: str, op: str, value: Any) -> Any:
     import polars as pl
 
     c = pl.col(col)
-    ops = {"=": c.__eq__, "==": c.__eq__, "!=": c.__ne__, "<": c.__lt__, "<=": c.__le__,
-           ">": c.__gt__, ">=": c.__ge__}
-    if op in ops:
-        return ops[op](value)
-    if op == "in":
-        return c.is_in(list(value))
-    if op == "not in":
-        return ~c.is_in(list(value))
-    raise ValueError(f"unsupported filter op {op!r}; use one of {list(_OPS)}")
+    return _compare(c, op, value, c.is_in)
 
 
 def _sql_filter(filters: Filter | None, pin: Mapping[str, str] | None = None) -> str:

@@ -18,7 +18,9 @@ import pyarrow as pa
 
 from rootflow.io.manifest import MANIFEST_SCHEMA
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: ``rejects`` gained ``model_version`` and ``source_fingerprint`` (a reject is retried only
+for a new reason: a changed file or model version, see docs/pipeline.md)."""
 
 TRAITS_PARTITION_BY: tuple[str, ...] = ("year", "tube", "depth")
 TRAITS_KEY: tuple[str, ...] = ("image_id", "model_name", "model_version")
@@ -77,6 +79,9 @@ _REJECT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("stage", pa.string(), nullable=False),
     pa.field("reason", pa.string(), nullable=False),
     pa.field("at", pa.timestamp("us"), nullable=False),
+    # schema 2: what the reject was for, so a nightly run retries it only for a new reason
+    pa.field("model_version", pa.string()),
+    pa.field("source_fingerprint", pa.string()),
 )
 
 

@@ -12,16 +12,8 @@ from typer.testing import CliRunner
 
 from tests.training._rootsam_helpers import thick_pair
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: extra torch threads only spin on a shared 2-core host (10x slower)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -22,7 +22,7 @@ from rootflow.inference.prompts import PromptPolicy
 from rootflow.inference.rootsam import RootSAMInferenceConfig, RootSAMPredictor
 from tests.training._rootsam_helpers import thick_pair, train_small_decoder
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("torch_one_thread")]
 
 POLICY = PromptPolicy(lattice_per_side=2, n_pos=2, n_neg=2)
 CFG = RootSAMInferenceConfig(variant="micro", device="cpu", lattice_points_per_side=2,
@@ -30,15 +30,6 @@ CFG = RootSAMInferenceConfig(variant="micro", device="cpu", lattice_points_per_s
 HELD_OUT = [thick_pair(50 + s) for s in range(3)]  # seeds training never used
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: extra torch threads only spin on a shared 2-core host (10x slower)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

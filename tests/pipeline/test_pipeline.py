@@ -37,6 +37,15 @@ def test_mask_traits_end_to_end_with_bad_rows(ray_local, tmp_path) -> None:
     assert traits["model_version"].nunique() == 1
     runs = lake.read("runs").to_pylist()
     assert [r["status"] for r in runs] == ["ok_with_rejects"]
+    # Guards against the post-run compaction being dropped from the job (small files pile up,
+    # one per commit and partition): the run ends with an OPTIMIZE commit and one file per
+    # traits partition, although it committed several times.
+    dt = lake.delta_table("traits")
+    assert "OPTIMIZE" in {h.get("operation") for h in dt.history()}
+    per_dir: dict[str, int] = {}
+    for f in dt.file_uris():
+        per_dir[str(Path(f).parent)] = per_dir.get(str(Path(f).parent), 0) + 1
+    assert max(per_dir.values()) == 1, per_dir
     # Analyst reads filter string columns of files written by MERGE (string_view in Parquet).
     n_ok = arch.n_rows - len(arch.bad_ids)
     latest = query.traits(lake, engine="pandas", filters=[("model_name", "=", "mask")])
