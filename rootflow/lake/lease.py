@@ -200,8 +200,7 @@ class RunLease:
         poll = poll_s if poll_s is not None else min(10.0, max(0.5, self.ttl_s / 10))
         while True:
             live, dead = self._classify()
-            live.sort(key=lambda r: (r.started_at, r.run_id))
-            holder = live[0] if live else None
+            holder = _earliest(live)
             if holder is None or holder.run_id == self.run_id:
                 for row, why in dead:
                     self._mark_dead(row, why)
@@ -215,9 +214,8 @@ class RunLease:
 
     def holder(self) -> str | None:
         """The run holding the scope now (None when no run is live)."""
-        live, _ = self._classify()
-        live.sort(key=lambda r: (r.started_at, r.run_id))
-        return live[0].run_id if live else None
+        holder = _earliest(self._classify()[0])
+        return holder.run_id if holder else None
 
     # -- internals ---------------------------------------------------------------------------
     def _rows(self) -> list[_Row]:
@@ -273,6 +271,11 @@ class RunLease:
         log.warning("run %s: %s", row.run_id, status)
         self.lake._update_run(row.run_id, {"status": status, "finished_at": _utcnow()})
         self.taken_over.append(row.run_id)
+
+
+def _earliest(live: list[_Row]) -> _Row | None:
+    """The lease rule: the earliest-started live run holds it (ties: smallest run id)."""
+    return min(live, key=lambda r: (r.started_at, r.run_id)) if live else None
 
 
 def _status(lake: Any, run_id: str) -> str | None:

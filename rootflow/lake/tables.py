@@ -310,8 +310,9 @@ class Lake:
     ) -> None:
         """Record a run as ``running`` (idempotent on ``run_id``). Credentials are redacted.
 
-        ``scope`` (or ``config["scope"]``) names what the run covers; :meth:`lease_holder`
-        uses it so that two runs over the same scope do not work at once.
+        ``scope`` (or ``config["scope"]``) names what the run covers;
+        :class:`rootflow.lake.lease.RunLease` uses it so that two runs over the same scope do
+        not work at once.
         """
         cfg = redact(dict(config or {}))
         now = utcnow()
@@ -335,7 +336,7 @@ class Lake:
         self._merge("runs", table, key=_schema.RUNS_KEY, partition_by=(), update=False)
 
     def heartbeat(self, run_id: str) -> None:
-        """Mark a running run alive (its lease in :meth:`lease_holder` stays valid)."""
+        """Mark a running run alive (its :class:`~rootflow.lake.lease.RunLease` stays valid)."""
         self._update_run(run_id, {"heartbeat_at": utcnow()})
 
     def finish_run(self, run_id: str, *, n_ok: int, n_rejected: int, status: str) -> None:
@@ -426,26 +427,6 @@ class Lake:
         """The runs table, newest first."""
         t = self.read("runs")
         return t.sort_by([("started_at", "descending")]) if t.num_rows else t
-
-    def lease_holder(self, *, scope: str, ttl_s: float) -> str | None:
-        """The live run holding ``scope``: earliest-started ``running`` run with a heartbeat
-        younger than ``ttl_s`` (ties: smallest run id); None when no run is live.
-
-        The runs table is the lock: runs killed mid-way stop heart-beating and lose the lease
-        after ``ttl_s``, so a re-run can take over their work.
-        """
-        if not self.exists("runs"):
-            return None
-        expr = (string_field("scope") == scope) & (string_field("status") == "running")
-        t = self.dataset("runs").to_table(columns=["run_id", "started_at", "heartbeat_at"],
-                                          filter=expr)
-        cutoff = utcnow() - dt.timedelta(seconds=ttl_s)
-        live = [r for r in t.to_pylist()
-                if (r["heartbeat_at"] or r["started_at"]) >= cutoff]
-        if not live:
-            return None
-        live.sort(key=lambda r: (r["started_at"], r["run_id"]))
-        return str(live[0]["run_id"])
 
     # -- internals --------------------------------------------------------------------------
     def _update_run(self, run_id: str, values: Mapping[str, Any]) -> None:

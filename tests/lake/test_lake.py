@@ -173,22 +173,22 @@ def test_runs_lifecycle_lease_and_redaction(lake: Lake) -> None:
     assert cfg["storage"]["endpoint_url"] == "http://x" and cfg["batch_size"] == 4
     assert runs[0]["status"] == "running" and runs[0]["scope"] == "scope-a"
 
-    assert lake.lease_holder(scope="scope-a", ttl_s=600) == "r1"
-    assert lake.lease_holder(scope="other", ttl_s=600) is None
+    assert _holder(lake, scope="scope-a", ttl_s=600) == "r1"
+    assert _holder(lake, scope="other", ttl_s=600) is None
     lake.start_run(run_id="r2", job_kind="infer", manifest_uri="/m.parquet",
                    config={"scope": "scope-a"}, model_versions={}, code_version=None)
-    assert lake.lease_holder(scope="scope-a", ttl_s=600) == "r1"  # earliest live run wins
+    assert _holder(lake, scope="scope-a", ttl_s=600) == "r1"  # earliest live run wins
     before = lake.read("runs").to_pylist()
     lake.heartbeat("r2")
     after = {r["run_id"]: r for r in lake.read("runs").to_pylist()}
     assert after["r2"]["heartbeat_at"] > {r["run_id"]: r for r in before}["r2"]["heartbeat_at"]
 
     lake.finish_run("r1", n_ok=10, n_rejected=2, status="ok_with_rejects")
-    assert lake.lease_holder(scope="scope-a", ttl_s=600) == "r2"
+    assert _holder(lake, scope="scope-a", ttl_s=600) == "r2"
     r1 = next(r for r in lake.read("runs").to_pylist() if r["run_id"] == "r1")
     assert (r1["status"], r1["n_ok"], r1["n_rejected"]) == ("ok_with_rejects", 10, 2)
     assert r1["finished_at"] >= r1["started_at"]
-    assert lake.lease_holder(scope="scope-a", ttl_s=0) is None  # r2's heartbeat has expired
+    assert _holder(lake, scope="scope-a", ttl_s=0) is None  # r2's heartbeat has expired
     with pytest.raises(LakeError, match="not in the runs table"):
         lake.finish_run("nope", n_ok=0, n_rejected=0, status="ok")
     assert [r["run_id"] for r in lake.runs().to_pylist()] == ["r2", "r1"]
@@ -233,3 +233,12 @@ def test_real_measure_output_round_trips(tmp_path) -> None:
     got = lake.read("traits").to_pylist()[0]
     for k, v in traits.items():
         assert got[k] == pytest.approx(v) if isinstance(v, float) else got[k] == v, k
+
+
+def _holder(lake: Lake, *, scope: str, ttl_s: float) -> str | None:
+    """The run holding ``scope``, as an observer (a run id not in the table) sees it, through
+    the pipeline's own lease rule."""
+    from rootflow.lake.lease import RunLease
+
+    ttl = max(ttl_s, 1e-6)
+    return RunLease(lake, "observer", scope, ttl_s=ttl, heartbeat_s=ttl / 2).holder()
