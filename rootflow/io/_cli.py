@@ -23,6 +23,17 @@ def cli_error(what: str | BaseException, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def log_progress_to_stderr() -> None:
+    """INFO logs with timestamps on stderr for long commands (train, studio), unless the
+    caller already set up logging; stdout stays for the command's one result."""
+    import logging
+    import sys
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def storage_from_cli(items: list[str] | None) -> dict[str, Any]:
     """``--storage-option key=value`` pairs on top of the environment (``AWS_*``)."""
     from rootflow.io.storage import StorageOptions

@@ -48,8 +48,6 @@ def register(app: typer.Typer) -> None:
         storage_option: list[str] = typer.Option([], "--storage-option", help="key=value: endpoint_url, region, allow_http, path_style (credentials from AWS_* env)."),
     ) -> None:
         """Serve the correction studio: fix masks with a few clicks, write annotations."""
-        import logging
-        import sys
 
         from rootflow.io._cli import cli_error as fail
         from rootflow.io._cli import storage_from_cli
@@ -62,9 +60,9 @@ def register(app: typer.Typer) -> None:
             raise fail(f"--port must be 1..65535, got {port}")
         if (base_checkpoint or rootsam_checkpoint) and not rootsam_config:
             raise fail("--base-checkpoint/--rootsam-checkpoint need --rootsam-config")
-        if not logging.getLogger().handlers:
-            logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from rootflow.io._cli import log_progress_to_stderr
+
+        log_progress_to_stderr()
         import uvicorn
 
         from rootflow.studio.app import create_app

@@ -31,8 +31,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train the forest segmenter (multi-scale filters + LightGBM, with autocontext)."""
         import json
-        import logging
-        import sys
 
         from rootflow import config as cfglib
         from rootflow.io._cli import cli_error as fail
@@ -46,9 +44,9 @@ def register(app: typer.Typer) -> None:
         if print_config:
             typer.echo(cfglib.dump(cfg))
             return
-        if not logging.getLogger().handlers:
-            logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from rootflow.io._cli import log_progress_to_stderr
+
+        log_progress_to_stderr()
         from rootflow.io._cli import storage_from_cli
 
         so = storage_from_cli(storage_option) or None

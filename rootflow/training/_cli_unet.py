@@ -38,8 +38,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a U-Net segmenter from scratch (or from encoder weights) on Ray Train."""
         import json
-        import logging
-        import sys
         import time
 
         started = time.time()
@@ -62,9 +60,9 @@ def register(app: typer.Typer) -> None:
         if print_config:
             typer.echo(cfglib.dump(cfg))
             return
-        if not logging.getLogger().handlers:
-            logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from rootflow.io._cli import log_progress_to_stderr
+
+        log_progress_to_stderr()
 
         from rootflow.inference._cli import init_ray
         from rootflow.io._cli import storage_from_cli
