@@ -109,7 +109,8 @@ def score(predictor: Any, pairs: Sequence[tuple[np.ndarray, np.ndarray]], *,
     if not pairs:
         raise RootSAMEvaluationError("no view to evaluate")
     sums: dict[str, float] = {}
-    ious, nocs = [], {t: [] for t in TARGETS}
+    ious: list[float] = []
+    nocs: dict[float, list[float]] = {t: [] for t in TARGETS}
     secs: list[float] = []
     for img, truth in pairs:
         tr = click_trace(predictor, img, truth, max_clicks=max_clicks)

@@ -391,7 +391,7 @@ def build_dataset(rows: pa.Table, *, cfg: InferConfig, lake_uri: str, run_id: st
     per_block = max(res.block_rows, min(res.manifest_block_rows,
                                         -(-rows.num_rows // max(1, res.min_blocks))))
     blocks = [rows.slice(i, per_block) for i in range(0, rows.num_rows, per_block)]
-    ds = ray.data.from_arrow(blocks or [rows])
+    ds: ray.data.Dataset = ray.data.from_arrow(blocks or [rows])
     ds = ds.map_batches(stages.read_bytes, batch_format="numpy", batch_size=res.block_rows,
                         fn_kwargs={"storage_options": storage_options,
                                    "threads": res.read_threads},
@@ -418,14 +418,18 @@ def build_dataset(rows: pa.Table, *, cfg: InferConfig, lake_uri: str, run_id: st
             batch_format="numpy", batch_size=res.model_batch_size,
             num_gpus=res.model_num_gpus, num_cpus=res.model_num_cpus,
         )
-    ds = ds.map_batches(stages.traits, batch_format="numpy", batch_size=res.block_rows,
+    # (stages.traits / to_records take their settings as required keyword arguments, which Ray
+    # passes from fn_kwargs; Ray's stub types a one-argument callable.)
+    ds = ds.map_batches(stages.traits,  # type: ignore[arg-type]
+                        batch_format="numpy", batch_size=res.block_rows,
                         fn_kwargs={"producers": cfg.producers, "lake_uri": lake_uri,
                                    "storage_options": storage_options,
                                    "trait_options": cfg.trait_options,
                                    "write_masks": cfg.write_masks,
                                    "model_versions": model_versions},
                         num_cpus=res.traits_num_cpus)
-    ds = ds.map_batches(stages.to_records, batch_format="numpy", batch_size=res.block_rows,
+    ds = ds.map_batches(stages.to_records,  # type: ignore[arg-type]
+                        batch_format="numpy", batch_size=res.block_rows,
                         fn_kwargs={"producers": cfg.producers, "run_id": run_id,
                                    "model_versions": model_versions},
                         num_cpus=0.25)

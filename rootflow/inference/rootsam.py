@@ -333,9 +333,10 @@ class RootSAMPredictor:
         prepared = [self._prepare(img) for img in images]
         if priors is not None and len(priors) != len(prepared):
             raise ValueError(f"{len(priors)} priors for {len(prepared)} images")
-        prior_tiles = [None if priors is None or priors[i] is None else
-                       extract_tiles(_prior_float(priors[i], p.grid), p.grid, pad_value=0.0)
-                       for i, p in enumerate(prepared)]
+        prior_tiles = [None if prior is None else
+                       extract_tiles(_prior_float(prior, p.grid), p.grid, pad_value=0.0)
+                       for prior, p in zip(priors if priors is not None
+                                           else [None] * len(prepared), prepared, strict=True)]
         stitchers = [Stitcher(p.grid, kind=self.config.blend) for p in prepared]
         ious: list[list[float]] = [[] for _ in prepared]
         prompts: list[dict[int, tuple[np.ndarray, np.ndarray]]] = [{} for _ in prepared]

@@ -280,7 +280,7 @@ class Lake:
             return 0
         table = _dedupe(table, key)
         merge_key = (*key, *[p for p in partition_by if p not in key and p != "depth"])
-        self._merge(name, table, key=merge_key, partition_by=partition_by)  # type: ignore[arg-type]
+        self._merge(name, table, key=merge_key, partition_by=partition_by)
         return table.num_rows
 
     def commit_rejects(self, rows: Rows) -> int:

@@ -306,7 +306,7 @@ def density_maps(mask: np.ndarray, *, dpi: float, mm_per_px: float, length_mm: f
     from rootflow.traits.binary import as_binary
 
     fg = as_binary(np.asarray(mask))
-    dens = np.zeros(fg.shape + (2,), np.float32)
+    dens: np.ndarray = np.zeros(fg.shape + (2,), np.float32)
     dens[..., 0] = skeletonize(fg)
     dens[..., 1] = fg
     f = scale_factor(dpi, mm_per_px)

@@ -536,7 +536,8 @@ class RootQuantTask:
         from rootflow.models.rootquant import cell_loss, rootquant_loss
 
         lc, mc = self.config.loss, self.net.config
-        img_loss, parts = (None, {})
+        img_loss: Any = None
+        parts: dict[str, Any] = {}
         if out is not None:
             img_loss, parts = rootquant_loss(
                 out, length, area, huber_delta=lc.huber_delta, area_weight=lc.area_weight,
