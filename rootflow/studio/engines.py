@@ -89,7 +89,8 @@ class RootSAMEngine:
     of that tile, cache key ``<image>#<tile>``): the predictor then decodes that tile alone
     from its cached embedding and stitches nothing else, so a click on a 2550 x 2273 scan
     costs one decoder call, not a pass over the scan's other tiles. The refined tile replaces
-    the mask inside it (in the overlap of two touched tiles, the later tile wins).
+    the mask where it owns the stitch (its stitch weight >= 1/2: up to the middle of each
+    overlap band), so no seam appears at the tile's own edge inside a neighbour.
     """
 
     name = "rootsam"
@@ -119,6 +120,7 @@ class RootSAMEngine:
         g = self.grid(h, w)
         touched = sorted(g.tiles_containing(new.x + 0.5, new.y + 0.5))
         out = mask.copy()
+        boxes = []
         for k in touched:
             y0, x0, y1, x1 = self._box(g, k)
             sel = [c for c in clicks if y0 <= c.y < y1 and x0 <= c.x < x1]
@@ -128,8 +130,15 @@ class RootSAMEngine:
                 res, _ = self.predictor.refine(
                     np.ascontiguousarray(rgb[y0:y1, x0:x1]), points=pts, labels=labs,
                     previous=np.ascontiguousarray(mask[y0:y1, x0:x1]), key=f"{key}#{k}")
-            out[y0:y1, x0:x1] = np.asarray(res.mask, bool)
-        boxes = [self._box(g, k) for k in touched]
+            # The tile owns the part of itself where its stitch weight is at least one half
+            # (up to the middle of each overlap band), as in the stitched whole-image mask: its
+            # edge pixels, decoded with the least context, never overwrite a neighbour's half.
+            own = g.weights(k)[: y1 - y0, : x1 - x0] >= 0.5
+            win = out[y0:y1, x0:x1]
+            win[own] = np.asarray(res.mask, bool)[own]
+            ys, xs = np.nonzero(own)
+            boxes.append((y0 + int(ys.min()), x0 + int(xs.min()),
+                          y0 + int(ys.max()) + 1, x0 + int(xs.max()) + 1))
         region = (min(b[0] for b in boxes), min(b[1] for b in boxes),
                   max(b[2] for b in boxes), max(b[3] for b in boxes))
         return EditResult(mask=out, seconds=time.perf_counter() - t0, region=region,
@@ -256,6 +265,11 @@ class ForestEngine:
                 images.append(s.rgb[y0:y1, x0:x1])
                 labels.append(s.labels[y0:y1, x0:x1])
         return images, labels
+
+    def restore_model(self, model: Any) -> None:
+        """Put back an earlier retrained forest (undo/redo; None: back to ``base``)."""
+        with self.lock:
+            self.model = model
 
     def retrain(self) -> str:
         """Retrain on every scribble so far; returns a note ("" when it trained)."""

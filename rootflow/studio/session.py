@@ -3,7 +3,10 @@
 An :class:`ImageSession` holds the image, the proposal being corrected, the *model mask* (what
 the click engine last returned) and the person's brush/eraser strokes, which always win over
 the model (the shown mask is the model mask with the strokes painted on, in order). Every edit
-pushes a snapshot (clicks, strokes, model mask packed to bits) on the undo stack.
+pushes a snapshot (clicks, strokes, model mask packed to bits, and the forest engine's
+model of that moment) on the undo stack, so undo also rolls back the forest a click retrained:
+exactly (the earlier forest object) when no later edit retrained it, else by retraining on the
+scribbles that remain.
 
 :meth:`Studio.accept` writes, in this order: the mask PNG to
 ``<lake>/masks/studio/<image_id>/<annotation_id>.png``, one ``annotations`` row
@@ -56,6 +59,7 @@ class _Snapshot:
     strokes: tuple[Stroke, ...]
     model_bits: np.ndarray
     engine: str | None
+    forest: Any = None  # the forest engine's model at that moment (None: none trained yet)
 
 
 class ImageSession:
@@ -74,6 +78,7 @@ class ImageSession:
         self.engines_used: list[str] = []
         self.undo: list[_Snapshot] = []
         self.redo: list[_Snapshot] = []
+        self.forest_seen: Any = None  # the forest model as this session's last edit left it
         self.revision = 0
         self.started_at = utcnow()
         self._last_action = time.monotonic()
@@ -91,9 +96,9 @@ class ImageSession:
         self.active_seconds += min(IDLE_CAP_S, now - self._last_action)
         self._last_action = now
 
-    def _snapshot(self) -> _Snapshot:
+    def _snapshot(self, forest: Any = None) -> _Snapshot:
         return _Snapshot(tuple(self.clicks), tuple(self.strokes), np.packbits(self.model_mask),
-                         self.engines_used[-1] if self.engines_used else None)
+                         self.engines_used[-1] if self.engines_used else None, forest)
 
     def _restore(self, s: _Snapshot) -> None:
         self.clicks = list(s.clicks)
@@ -103,24 +108,28 @@ class ImageSession:
         self.current = self._compose()
         self.revision += 1
 
-    def push(self) -> None:
-        self.undo.append(self._snapshot())
+    def push(self, forest: Any = None) -> None:
+        """Save the state before an edit (``forest``: the forest model before it)."""
+        self.undo.append(self._snapshot(forest))
         del self.undo[:-MAX_UNDO]
         self.redo.clear()
 
-    def do_undo(self) -> bool:
+    def do_undo(self) -> _Snapshot | None:
+        """Step back; returns the snapshot restored (None when there is nothing to undo)."""
         if not self.undo:
-            return False
-        self.redo.append(self._snapshot())
-        self._restore(self.undo.pop())
-        return True
+            return None
+        self.redo.append(self._snapshot(self.forest_seen))
+        s = self.undo.pop()
+        self._restore(s)
+        return s
 
-    def do_redo(self) -> bool:
+    def do_redo(self) -> _Snapshot | None:
         if not self.redo:
-            return False
-        self.undo.append(self._snapshot())
-        self._restore(self.redo.pop())
-        return True
+            return None
+        self.undo.append(self._snapshot(self.forest_seen))
+        s = self.redo.pop()
+        self._restore(s)
+        return s
 
     def set_model(self, mask: np.ndarray) -> None:
         self.model_mask = mask
@@ -267,11 +276,14 @@ class Studio:
             s.touch()
             new = Click(x, y, label)
             clicks = [*s.clicks, new]
+            forest = self.engines.get("forest")
+            before = forest.model if forest is not None else None
             if name == "forest":
                 res = eng.click(image_id, s.rgb, s.current, clicks, new, strokes=s.strokes)
             else:
                 res = eng.click(image_id, s.rgb, s.current, clicks, new)
-            s.push()
+            s.push(forest=before)
+            s.forest_seen = forest.model if forest is not None else None
             s.clicks = clicks
             s.engines_used.append(name)
             s.set_model(res.mask)
@@ -284,21 +296,29 @@ class Studio:
             self._check_xy(s, x, y)
         with self.lock:
             s.touch()
-            s.push()
-            s.add_stroke(st)
             forest = self.engines.get("forest")
+            s.push(forest=forest.model if forest is not None else None)
+            s.add_stroke(st)
             if forest is not None:  # strokes are scribbles for the forest too
                 forest.set_scribbles(image_id, s.rgb, s.clicks, s.strokes)
+                s.forest_seen = forest.model
 
     def undo(self, image_id: str, redo: bool = False) -> bool:
         s = self.session(image_id)
         with self.lock:
             s.touch()
-            ok = s.do_redo() if redo else s.do_undo()
             forest = self.engines.get("forest")
-            if ok and forest is not None and image_id in forest._scribbles:
+            seen = s.forest_seen
+            snap = s.do_redo() if redo else s.do_undo()
+            if snap is not None and forest is not None and image_id in forest._scribbles:
                 forest.set_scribbles(image_id, s.rgb, s.clicks, s.strokes)
-        return ok
+                if forest.model is seen:  # nothing retrained since this image's edit: exact
+                    forest.restore_model(snap.forest)
+                elif forest.model is not snap.forest:  # another image retrained it since
+                    with forest.lock:
+                        forest.retrain()
+                s.forest_seen = forest.model
+        return snap is not None
 
     def skip(self, image_id: str) -> str | None:
         """Close the image without writing; returns the next image of the queue."""

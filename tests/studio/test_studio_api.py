@@ -90,8 +90,10 @@ def test_queue_orders_disputed_and_least_confident_first_and_filters(tmp_path):
 
 
 def test_rootsam_click_redecodes_only_touched_tile_from_cache(tmp_path):
-    """Guards: a click re-running the whole image (changes outside the touched tiles), and the
-    encoder running again for a second click on the same tile (cached embedding unused)."""
+    """Guards: a click re-running the whole image (changes outside the touched tiles), a
+    refined tile overwriting its neighbour's half of their overlap (a seam at the tile's own
+    edge, where it decodes with the least context), and the encoder running again for a second
+    click on the same tile (cached embedding unused)."""
     s, st, cl = _client(tmp_path, rootsam=True, n=1, h=240, w=700)
     st.cfg.prefetch_ahead = 0
     counter = EncodeCounter(st.engines["rootsam"].predictor)
@@ -107,6 +109,10 @@ def test_rootsam_click_redecodes_only_touched_tile_from_cache(tmp_path):
     outside[y0:y1, x0:x1] = False
     assert x1 < 700 and outside.any()
     assert np.array_equal(before[outside], after[outside])
+    g = st.engines["rootsam"].grid(240, 700)
+    assert body["tiles"] == [0] and g.xs[1] < g.tile  # tiles 0 and 1 overlap
+    mid = (g.xs[1] + g.tile) / 2  # the middle of the band tiles 0 and 1 share
+    assert x1 <= mid + 1  # tile 0 wrote nothing of tile 1's half of the band
     n1 = counter.n
     assert n1 >= 1
     r = cl.post(f"/api/images/{iid}/click", json={"x": 30, "y": 120, "label": 0})
@@ -158,6 +164,45 @@ def test_forest_retrains_on_corrections_and_the_next_image_starts_better(tmp_pat
     assert info["proposal"]["producer"] == "forest"
     start_b = st.sessions[b].current
     assert iou(start_b, s.truth[b]) > 0.5  # empty start was IoU 0
+
+
+def test_undo_rolls_back_the_forest_a_click_retrained(tmp_path):
+    """Guards: undo that restores the mask and scribbles but leaves the forest retrained on the
+    undone click, so the next image (and the next click) still learn from a correction the
+    person took back; and redo that does not bring that forest back."""
+    s, st, cl = _client(tmp_path, n=2, given_masks=False)
+    a, b = s.image_ids
+    cl.get(f"/api/images/{a}")
+    forest = st.engines["forest"]
+    truth = s.truth[a]
+    for c in first_forest_clicks(truth):
+        cl.post(f"/api/images/{a}/click", json={"x": c.x, "y": c.y, "label": c.label,
+                                                 "engine": "forest"})
+    m1, n1 = forest.model, forest.n_retrains
+    assert m1 is not None
+    c = simulated_click(st.sessions[a].current, truth)
+    cl.post(f"/api/images/{a}/click", json={"x": c.x, "y": c.y, "label": c.label,
+                                             "engine": "forest"})
+    m2 = forest.model
+    assert m2 is not m1 and forest.n_retrains == n1 + 1
+    assert cl.post(f"/api/images/{a}/undo").json()["changed"] is True
+    assert forest.model is m1  # exactly the forest before the undone click
+    assert forest.n_retrains == n1 + 1  # restored, not retrained
+    assert forest._scribbles[a].labels[c.y, c.x] == -1  # the undone click's scribble is gone
+    cl.post(f"/api/images/{a}/redo")
+    assert forest.model is m2
+    # another image retrains the forest; undoing on the first one must then retrain it on the
+    # scribbles that remain rather than put back a forest that never saw the second image's
+    cl.get(f"/api/images/{b}")
+    for c in first_forest_clicks(s.truth[b]):
+        cl.post(f"/api/images/{b}/click", json={"x": c.x, "y": c.y, "label": c.label,
+                                                 "engine": "forest"})
+    m3, n3 = forest.model, forest.n_retrains
+    cl.post(f"/api/images/{a}/undo")
+    assert forest.model is not m3 and forest.model is not m1
+    assert forest.n_retrains == n3 + 1
+    labelled = forest.n_labelled()
+    assert labelled[0] > 0 and labelled[1] > 0
 
 
 def test_undo_redo_restore_exact_masks(tmp_path):
