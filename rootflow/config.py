@@ -44,8 +44,20 @@ def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        kwargs[name] = _coerce(hints.get(name, Any), value)
+        try:
+            kwargs[name] = _coerce(hints.get(name, Any), value)
+        except (ValueError, TypeError):
+            if isinstance(value, Mapping):
+                raise  # a nested section's own message (unknown keys, its own checks)
+            # The value is not repeated: a secret pasted in the wrong place must not reach
+            # logs or a terminal through this message.
+            raise ValueError(f"{cls.__name__}.{name}: expected {_type_name(hints.get(name))}, "
+                             f"got a {type(value).__name__} that is not one") from None
     return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _coerce(tp: Any, value: Any) -> Any:
@@ -77,7 +89,18 @@ def load(cls: type[T], path: str | None = None, overrides: Iterable[str] = ()) -
         from rootflow.io import storage
 
         text = storage.read_bytes(path).decode()
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            # Position and problem only: PyYAML's own message quotes the offending line,
+            # which may hold a secret.
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"{path} is not valid YAML: "
+                             f"{getattr(e, 'problem', None) or type(e).__name__}{where}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a YAML mapping of config keys, "
+                             f"not a {type(data).__name__}")
     base = from_dict(cls, data)
     return override(base, overrides)
 

@@ -10,8 +10,16 @@ import typer
 manifest_app = typer.Typer(help="Build, parse and validate image manifests.",
                            no_args_is_help=True)
 
-_STORAGE_HELP = ("Object-storage setting key=value (endpoint_url, region, key, secret, token, "
-                 "allow_http, path_style); repeatable; defaults come from AWS_* variables.")
+_STORAGE_HELP = ("Object-storage setting key=value (endpoint_url, region, allow_http, "
+                 "path_style); repeatable; defaults come from AWS_* variables. Credentials are "
+                 "never taken here: they come from the environment or the provider chain.")
+
+#: ``--storage-option`` keys that are credentials (any spelling of them): refused, because a
+#: command line is visible to every user of the machine (``ps``) and is stored as a RayJob's or
+#: a submitted job's entry point.
+CREDENTIAL_OPTIONS = frozenset({"key", "secret", "token", "password", "aws_access_key_id",
+                                "aws_secret_access_key", "aws_session_token", "access_key",
+                                "secret_key", "session_token"})
 
 
 def cli_error(what: str | BaseException, code: int = 2) -> typer.Exit:
@@ -34,14 +42,34 @@ def log_progress_to_stderr() -> None:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def refuse_credential_options(items: list[str] | None) -> None:
+    """Exit 2 with one line if any ``--storage-option`` item is a credential (its value is
+    never printed); every command's ``--storage-option`` goes through here."""
+    for item in items or []:
+        k = item.split("=", 1)[0]
+        if "=" in item and k.strip().lower() in CREDENTIAL_OPTIONS:
+            raise cli_error(
+                f"--storage-option {k}=... refused: credentials on a command line are visible "
+                "in `ps` and stored in job entry points; set AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN in the environment, or use the "
+                "provider chain (instance profile, web identity)")
+
+
 def storage_from_cli(items: list[str] | None) -> dict[str, Any]:
-    """``--storage-option key=value`` pairs on top of the environment (``AWS_*``)."""
+    """``--storage-option key=value`` pairs on top of the environment (``AWS_*``).
+
+    Credentials (``key=``, ``secret=``, ``token=``...) are refused with one line and exit 2:
+    they would be readable in ``ps`` and stored in job entry points. They come from the
+    standard provider chain instead (``AWS_*`` variables, instance profile, web identity).
+    """
     from rootflow.io.storage import StorageOptions
 
+    refuse_credential_options(items)
     base = StorageOptions.from_env().to_dict()
     for item in items or []:
         if "=" not in item:
-            raise cli_error(f"--storage-option {item!r} is not key=value")
+            # Not echoed: a value pasted without its key may be a secret.
+            raise cli_error("--storage-option takes key=value (got a value without '=')")
         k, v = item.split("=", 1)
         base[k] = v.lower() in ("1", "true", "yes") if k in ("allow_http", "path_style") else v
     try:

@@ -13,6 +13,7 @@ gets recorded in the ``runs`` table and printed.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -21,6 +22,24 @@ import fsspec
 
 _SECRET_KEYS = {"key", "secret", "token", "aws_access_key_id", "aws_secret_access_key",
                 "aws_session_token", "password"}
+
+#: Loggers whose DEBUG records dump signed requests: botocore's string-to-sign and request
+#: headers carry the session token (``X-Amz-Security-Token``) and the access key id.
+_CREDENTIAL_DUMPING_LOGGERS = ("botocore.auth", "botocore.endpoint", "aiobotocore.endpoint")
+
+
+class _NoRequestDumps(logging.Filter):
+    """Drops the DEBUG records of :data:`_CREDENTIAL_DUMPING_LOGGERS`: a process logging at
+    DEBUG (a job run with verbose logs, pytest's ``caplog``) must not write credentials."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.DEBUG
+
+
+for _name in _CREDENTIAL_DUMPING_LOGGERS:
+    _logger = logging.getLogger(_name)
+    if not any(isinstance(f, _NoRequestDumps) for f in _logger.filters):
+        _logger.addFilter(_NoRequestDumps())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -800,6 +800,13 @@ def save(model: RootQuant, uri: str, *, meta: Mapping[str, Any] | None = None,
 
 def _checked(data: bytes, uri: str) -> Mapping[str, Any]:
     obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return check_checkpoint(obj, uri)
+
+
+def check_checkpoint(obj: Any, uri: str) -> Mapping[str, Any]:
+    """``obj`` (a weights-only loaded file) if it is a RootQuant checkpoint this code reads;
+    :class:`RootQuantFormatError` naming the format otherwise (also used by the job's
+    driver-side pre-flight, ``rootflow.inference.model_files``)."""
     got = obj.get("format") if isinstance(obj, Mapping) else type(obj).__name__
     if got in OLD_FORMATS:
         raise RootQuantFormatError(

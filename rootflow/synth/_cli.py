@@ -9,6 +9,9 @@ def _parse_storage_options(items: list[str]) -> dict[str, object] | None:
     """``key=value`` strings -> a StorageOptions mapping (``None`` = read the environment)."""
     if not items:
         return None
+    from rootflow.io._cli import refuse_credential_options
+
+    refuse_credential_options(items)  # credentials come from the environment, never from here
     out: dict[str, object] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -46,8 +49,8 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(1, help="Rendering processes."),
         storage_option: list[str] = typer.Option(
             [], "--storage-option", "-s",
-            help="Storage option key=value (endpoint_url, region, key, secret, allow_http, "
-                 "path_style); repeatable. Default: AWS_* environment."),
+            help="Storage option key=value (endpoint_url, region, allow_http, path_style); "
+                 "repeatable. Credentials come from the AWS_* environment."),
     ) -> None:
         """Write a synthetic minirhizotron archive with exact ground truth."""
         import time
