@@ -21,6 +21,12 @@
    comparison.
 
 Prints one JSON line. Bounded: ``--timeout-s`` per job.
+
+``--plan-only N`` measures instead what the driver spends on the manifest before any worker
+runs, for an ``N``-row manifest (rows only, no image files): validation (``read_manifest``, as
+the CLI's pre-flight and the run each do), the skip plan against a lake where the first half
+of the rows are done, and handing the planned rows to Ray Data as blocks; time, the driver's
+RSS growth, Arrow bytes and the number of blocks.
 """
 
 from __future__ import annotations
@@ -95,6 +101,7 @@ def run_job(cluster, manifest: str, lake: str, forest_uri: str, layout: str, out
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout_s)
     wall = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    (out / f"job-{layout}.log").write_text(done.stdout + done.stderr)  # its progress lines
     if done.returncode not in (0, 3):
         raise RuntimeError(f"job failed ({done.returncode}):\n{done.stderr[-3000:]}")
     s = json.loads(summary.read_text())
@@ -106,7 +113,94 @@ def run_job(cluster, manifest: str, lake: str, forest_uri: str, layout: str, out
             "object_store_bytes_per_image": s["object_store_bytes_per_image"],
             "output_bytes": s["output_bytes"],
             "driver_peak_rss_mb": round(max(rss, before) / 1024, 1),
-            "pool": s["resources"]["model_actors"]}
+            "pool": s["resources"]["model_actors"],
+            "initial_actors": s["resources"].get("initial_actors")}
+
+
+def manifest_rows(root: Path, n: int) -> str:
+    """An ``n``-row manifest whose rows look like a real archive's (no image files)."""
+    import datetime as dt
+    import hashlib
+
+    import pyarrow as pa
+
+    from rootflow.io.manifest import MANIFEST_SCHEMA, write_manifest
+
+    t0 = dt.datetime(2024, 5, 1)
+    cols: dict[str, list] = {f.name: [] for f in MANIFEST_SCHEMA}
+    for i in range(n):
+        day = t0 + dt.timedelta(days=i // 8000)
+        name = f"EXP_T{i // 400:03d}_L{i % 20:03d}_{day:%Y.%m.%d}_S{i // 20 % 20:03d}.jpg"
+        uri = str(root / "archive" / f"tube{i // 400:03d}" / name)
+        iid = hashlib.sha256(uri.encode()).hexdigest()[:20]
+        for k, v in (("image_uri", uri), ("image_id", iid),
+                     ("file_name", name), ("experiment", "scale"), ("tube", i // 400),
+                     ("window", i % 20), ("session", i // 20 % 20),
+                     ("captured_at", day), ("year", 2024),
+                     ("operator", None), ("dpi", 100.0), ("depth_cm", float(i % 20) * 1.35),
+                     ("depth", int(i % 20 * 1.35 // 10 * 10)),
+                     ("mask_uri", uri[:-4] + "_mask.png"), ("species", None),
+                     ("treatment", None), ("tile", None)):
+            cols[k].append(v)
+    uri = str(root / "manifest.parquet")
+    write_manifest(pa.table(cols, schema=MANIFEST_SCHEMA), uri)
+    return uri
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def plan_only(n: int, out: Path) -> dict:
+    """Driver-side cost of a manifest of ``n`` rows (see the module docstring)."""
+    import pyarrow as pa
+    import ray
+
+    from rootflow.inference import pipeline as pl
+    from rootflow.io.manifest import read_manifest
+    from rootflow.lake import Lake
+
+    manifest = manifest_rows(out, n)
+    cfg = pl.InferConfig(producers=("mask",))
+    versions = pl.resolve_model_versions(cfg)
+    lake = Lake(str(out / "lake"))
+    done = read_manifest(manifest).slice(0, n // 2)
+    lake.commit_traits(done.select(["image_id", "image_uri", "file_name", "dpi", "depth_cm",
+                                    "experiment", "tube", "window",
+                                    "session", "captured_at", "year", "depth"]).append_column(
+        "model_name", pa.array(["mask"] * done.num_rows)).append_column(
+        "model_version", pa.array([versions["mask"]] * done.num_rows)).append_column(
+        "run_id", pa.array(["seed"] * done.num_rows)))
+    del done
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    r: dict = {"manifest_rows": n,
+               "manifest_file_mb": round(Path(manifest).stat().st_size / 2**20, 2)}
+    rss0 = _rss_mb()
+    t = time.perf_counter()
+    read_manifest(manifest, allow_prefixes=["default"])  # the CLI's pre-flight
+    r["preflight_validate_s"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    rows = pl.select_rows(read_manifest(manifest), cfg)
+    r["run_read_validate_s"] = round(time.perf_counter() - t, 2)
+    r["manifest_arrow_mb"] = round(rows.nbytes / 2**20, 1)
+    t = time.perf_counter()
+    planned, skipped, _ = pl.plan_work(rows, lake, versions, cfg, None)
+    r["plan_s"] = round(time.perf_counter() - t, 2)
+    r["planned_rows"], r["skipped_done"] = planned.num_rows, skipped
+    t = time.perf_counter()
+    ds = pl.build_dataset(planned, cfg=cfg, lake_uri=str(out / "lake"), run_id="x",
+                          model_versions=versions, storage_options={})
+    r["to_ray_s"] = round(time.perf_counter() - t, 2)
+    del ds
+    res = pl.Resources()
+    per = max(res.block_rows, min(res.manifest_block_rows, -(-planned.num_rows // res.min_blocks)))
+    r["rows_per_block"], r["blocks"] = per, -(-planned.num_rows // per)
+    r["driver_rss_growth_mb"] = round(_rss_mb() - rss0, 1)
+    r["driver_rss_mb"] = round(_rss_mb(), 1)
+    ray.shutdown()
+    return r
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -119,11 +213,18 @@ def main(argv: list[str] | None = None) -> dict:
                     help="images in the bare loop (its rate is per image)")
     ap.add_argument("--timeout-s", type=float, default=3600)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--plan-only", type=int, default=0, metavar="N",
+                    help="only measure the driver's manifest and plan cost for N rows")
     args = ap.parse_args(argv)
+    if args.plan_only:
+        r = plan_only(args.plan_only, Path(args.out or tempfile.mkdtemp(prefix="rf-plan-")))
+        print(json.dumps(r))
+        return r
     from tests.pipeline._helpers import direct_archive
     from tests.pipeline.test_cluster import WORKER_GPUS, local_cluster
 
     out = Path(args.out or tempfile.mkdtemp(prefix="rf-scale-"))
+    load_before = [round(x, 1) for x in os.getloadavg()]
     t0 = time.perf_counter()
     manifest = direct_archive(out, args.n_images, args.height, args.width)
     gen_s = time.perf_counter() - t0
@@ -139,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
                                 args.timeout_s))
     result["jobs"] = jobs
     result["efficiency"] = round(jobs[0]["job_images_per_s"] / result["bare_images_per_s"], 3)
-    result["load_avg_1m"] = round(os.getloadavg()[0], 1)
+    result["load_avg_before"] = load_before  # 1, 5, 15 min: the machine is shared
+    result["load_avg_after"] = [round(x, 1) for x in os.getloadavg()]
     print(json.dumps(result))
     return result
 

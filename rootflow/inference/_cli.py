@@ -132,7 +132,8 @@ def _config_or_exit(**kwargs: Any) -> Any:
 def preflight(cfg: Any, storage: dict[str, Any]) -> dict[str, str]:
     """Every producer's model version, resolved before Ray starts.
 
-    Model files are read (and forests/U-Nets loaded) here, so a corrupt, wrong-kind, missing or
+    Model files are read (and forests/U-Nets loaded, RootSAM/RootQuant checkpoints opened
+    weights-only and checked) here, so an unsafe, corrupt, wrong-kind, missing or
     digest-mismatched file is one line on stderr and exit 2 in a second or two, instead of a
     traceback after Ray's start-up.
     """
@@ -140,9 +141,10 @@ def preflight(cfg: Any, storage: dict[str, Any]) -> dict[str, str]:
 
     try:
         return resolve_model_versions(cfg, storage)
-    except (ValueError, OSError) as e:  # SegmenterLoadError and ChecksumError are ValueErrors
-        raise _usage_error(str(e).strip().splitlines()[0] if str(e).strip()
-                           else type(e).__name__) from None
+    except (ValueError, OSError, KeyError) as e:  # SegmenterLoadError, ChecksumError and
+        # ModelFileError are ValueErrors; an unknown SAM2.1 variant is a KeyError
+        text = (e.args[0] if isinstance(e, KeyError) and e.args else str(e)).strip()
+        raise _usage_error(text.splitlines()[0] if text else type(e).__name__) from None
 
 
 def _run_and_report(manifest: str, lake: str, cfg: Any, *, storage: dict[str, Any],
@@ -181,7 +183,8 @@ _ALLOW_HELP = ("URI prefix the manifest's image_uri/mask_uri may point into (rep
 _GPUS_HELP = ("GPUs per model actor; a fraction shares a GPU between actors, 0 = CPU. Default: 1 "
               "when the cluster has (or can scale to) GPUs, else 0.")
 _ACTORS_HELP = ("Model actors MIN:MAX (N = N:N); the pool autoscales between them. Default: 1 to "
-                "as many as the cluster's GPUs allow (adding GPU nodes adds actors).")
+                "as many as the cluster's GPUs allow (adding GPU nodes adds actors), starting "
+                "with one per GPU free at the start.")
 
 
 def register(app: typer.Typer) -> None:

@@ -61,6 +61,11 @@ class Resources:
         model_actors: (min, max) actors per model pool; Ray Data autoscales between them.
             ``max = 0`` means "as many as the cluster's GPUs allow" (``cluster GPUs //
             model_num_gpus``; 1 on a cluster without GPUs), so adding GPU nodes adds actors.
+        initial_actors: actors the pool starts with (within min..max); 0 = as many as the
+            GPUs free when the run starts allow. Ray Data grows a pool only when every actor
+            already holds ``max_in_flight_per_actor`` batches and by the backlog it sees then,
+            so a pool started at 1 may never reach GPUs that were idle from the start; the
+            pool still grows to ``max`` when GPU nodes join (docs/pipeline.md).
         model_batch_size: images per model call.
         model_num_gpus: GPUs per model actor (a fraction shares a GPU between actors);
             None = 1 when the cluster has or can scale to GPUs, else 0 (CPU).
@@ -77,6 +82,14 @@ class Resources:
             drops the pixels after its last model (False: the former layout, a CPU decode task
             before the actor and pixels carried to the end of the chain; kept to measure the
             difference, ``benchmarks/pipeline_scale.py``).
+        actor_memory_mb: memory (MB) each model actor may take for its work (decoding and
+            running the models on a batch) beyond what it holds once its models are loaded,
+            enforced in the actor's process with ``RLIMIT_DATA``
+            (:func:`rootflow.inference.stages.limit_memory`). An image that needs more is
+            rejected ``"<stage>: out of memory: ..."`` and the actor goes on with the others;
+            without it, such an image takes the node's memory until the OS kills the actor
+            (or a neighbour). None (default): no cap. Linux only; decoding is covered only
+            with ``decode_in_actor`` (the default).
     """
 
     block_rows: int = 4
@@ -85,6 +98,7 @@ class Resources:
     decode_num_cpus: float = 1.0
     traits_num_cpus: float = 1.0
     model_actors: tuple[int, int] = (1, 0)
+    initial_actors: int = 0
     model_batch_size: int = 2
     model_num_gpus: float | None = None
     model_num_cpus: float = 1.0
@@ -93,6 +107,7 @@ class Resources:
     manifest_block_rows: int = 64
     min_blocks: int = 64
     decode_in_actor: bool = True
+    actor_memory_mb: int | None = None
 
     def __post_init__(self) -> None:
         lo, hi = self.model_actors
@@ -101,6 +116,10 @@ class Resources:
                              f"{tuple(self.model_actors)}")
         if self.model_num_gpus is not None and self.model_num_gpus < 0:
             raise ValueError(f"model_num_gpus must be >= 0, got {self.model_num_gpus}")
+        if self.actor_memory_mb is not None and self.actor_memory_mb <= 0:
+            raise ValueError(f"actor_memory_mb must be > 0 (or unset), got {self.actor_memory_mb}")
+        if self.initial_actors < 0:
+            raise ValueError(f"initial_actors must be >= 0, got {self.initial_actors}")
 
     @classmethod
     def gpu(cls, gpus_per_actor: float = 1.0, actors: tuple[int, int] = (1, 0)) -> Resources:
@@ -147,14 +166,33 @@ def cluster_gpus() -> float:
     return max(live, declared)
 
 
-def resolve_resources(res: Resources, gpus: float | None = None) -> Resources:
-    """Concrete GPUs per actor and pool bounds for the connected cluster (see Resources)."""
+def free_gpus() -> float:
+    """GPUs of the connected cluster that no one holds right now."""
+    import ray
+
+    return float(ray.available_resources().get("GPU", 0.0))
+
+
+def resolve_resources(res: Resources, gpus: float | None = None,
+                      free: float | None = None) -> Resources:
+    """Concrete GPUs per actor, pool bounds and start size for the connected cluster (see
+    Resources): ``gpus`` the GPUs the cluster can reach (default :func:`cluster_gpus`), ``free``
+    those free now (default :func:`free_gpus`, at most ``gpus``)."""
     gpus = cluster_gpus() if gpus is None else gpus
     per = res.model_num_gpus if res.model_num_gpus is not None else (1.0 if gpus > 0 else 0.0)
     lo, hi = res.model_actors
     if hi == 0:
         hi = max(lo, int(gpus // per)) if per > 0 else lo
-    return dataclasses.replace(res, model_num_gpus=per, model_actors=(lo, hi))
+    start = res.initial_actors
+    if start == 0:
+        if per > 0:
+            free = min(gpus, free_gpus() if free is None else free)
+            start = int(free / per + 1e-9)
+        else:
+            start = lo
+    start = min(hi, max(lo, start))
+    return dataclasses.replace(res, model_num_gpus=per, model_actors=(lo, hi),
+                               initial_actors=start)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,7 +363,8 @@ def resolve_model_versions(cfg: InferConfig, storage: StorageLike = None) -> dic
     Forest and U-Net files are read and loaded here, once, on the driver: their version is the
     segmenter's own (hash of weights and output-changing settings), and a missing, corrupt or
     wrong-kind file raises :class:`~rootflow.models.segmenters.SegmenterLoadError` before the
-    run starts.
+    run starts. RootSAM and RootQuant checkpoints are opened weights-only and checked by
+    :func:`rootflow.inference.model_files.check_checkpoints` (``ModelFileError``).
     """
     versions: dict[str, str] = {}
     if "mask" in cfg.producers:
@@ -335,6 +374,9 @@ def resolve_model_versions(cfg: InferConfig, storage: StorageLike = None) -> dic
         suffix = "" if not cfg.trait_options else "-" + hashlib.sha1(opts.encode()).hexdigest()[:8]
         versions["mask"] = f"traits-{TRAITS_VERSION}{suffix}"
     so = StorageOptions.from_mapping(storage).to_dict()
+    from rootflow.inference.model_files import check_checkpoints
+
+    check_checkpoints(cfg, so)  # unsafe or wrong RootSAM/RootQuant files: refused here, once
     for p in SEGMENTERS:
         if p in cfg.producers:
             from rootflow.inference.segment import model_version as seg_version
@@ -411,9 +453,12 @@ def build_dataset(rows: pa.Table, *, cfg: InferConfig, lake_uri: str, run_id: st
             fn_constructor_kwargs={"stages": group, "storage_options": storage_options,
                                    "producers": cfg.producers,
                                    "decode_first": k == 0 and res.decode_in_actor,
-                                   "drop_image": k == len(groups) - 1 and res.decode_in_actor},
+                                   "drop_image": k == len(groups) - 1 and res.decode_in_actor,
+                                   "memory_limit_mb": res.actor_memory_mb},
             compute=ray.data.ActorPoolStrategy(
                 min_size=res.model_actors[0], max_size=res.model_actors[1],
+                initial_size=min(res.model_actors[1], max(res.model_actors[0],
+                                                          res.initial_actors)),
                 max_tasks_in_flight_per_actor=res.max_in_flight_per_actor),
             batch_format="numpy", batch_size=res.model_batch_size,
             num_gpus=res.model_num_gpus, num_cpus=res.model_num_cpus,
@@ -530,8 +575,10 @@ _PERMANENT_REASONS = ("read: FileNotFoundError", "read: PermissionError",
 
 
 def is_permanent(reason: str | None) -> bool:
-    """A reject that retrying the same file with the same model cannot fix."""
-    return bool(reason) and str(reason).startswith(_PERMANENT_REASONS)
+    """A reject that retrying the same file with the same model cannot fix (an image that ran
+    out of memory may fit the next run's limit: it is retried)."""
+    return bool(reason) and str(reason).startswith(_PERMANENT_REASONS) and \
+        ": out of memory" not in str(reason)
 
 
 def file_fingerprint(uri: str, storage_options: dict[str, Any] | None) -> str:
@@ -778,6 +825,8 @@ def run(manifest_uri: str, lake_uri: str, cfg: InferConfig, *,
 
             def flush() -> None:
                 lease.check()
+                if not buf["traits"] and not buf["reject"]:
+                    return  # (the final flush after one that emptied the buffer)
                 now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
                 if buf["traits"]:
                     for r in buf["traits"]:

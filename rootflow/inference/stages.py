@@ -14,6 +14,7 @@ summary can say where the time went without a profiler.
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import random
 import time
@@ -26,6 +27,25 @@ import numpy as np
 from rootflow.io import images, storage
 
 Batch = dict[str, np.ndarray]
+
+log = logging.getLogger(__name__)
+
+
+def worker_logging() -> None:
+    """In a Ray worker process, let rootflow's log lines (info and up, warnings included)
+    reach stderr, which Ray forwards to the driver and so to ``ray job logs``.
+
+    Python's default prints only warnings and drops the logger's name; a process whose logging
+    is configured already (a root handler: pytest, Ray's ``LoggingConfig``) is left alone.
+    """
+    pkg = logging.getLogger("rootflow")
+    if pkg.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    pkg.addHandler(handler)
+    pkg.setLevel(logging.INFO)
+
 
 #: Errors that a retry cannot fix: the object is not there or we may not read it.
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
@@ -129,7 +149,64 @@ def _errors(batch: Batch, col: str = "error") -> list[str | None]:
 
 def _fail(stage: str, exc: BaseException) -> str:
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{stage}: {type(exc).__name__}: {msg}"[:500]
+    return out_of_memory_reason(f"{stage}: {type(exc).__name__}: {msg}"[:500])
+
+
+#: Words by which an allocation failure shows in a reason: numpy/Python ``MemoryError``,
+#: torch's ``DefaultCPUAllocator: can't allocate memory`` (a RuntimeError), CUDA's
+#: ``OutOfMemoryError`` and ``ENOMEM`` from C libraries.
+_OOM_WORDS = ("MemoryError", "can't allocate memory", "out of memory", "Cannot allocate memory",
+              "OutOfMemoryError", "std::bad_alloc")
+
+#: The model actor's memory limit (MB on top of its loaded models; see :func:`limit_memory`),
+#: named in out-of-memory reasons; None outside a limited actor.
+_MEMORY_LIMIT_MB: int | None = None
+
+
+def out_of_memory_reason(reason: str) -> str:
+    """``"<stage>: out of memory: ..."`` for a reject reason that is an allocation failure,
+    naming the limit that was hit; any other reason unchanged."""
+    stage, _, detail = reason.partition(": ")
+    # Under the cap a thread's stack (a private mapping) may not fit either: Python then says
+    # "can't start new thread" (outside a capped actor that is more likely a thread limit).
+    words = (*_OOM_WORDS, "can't start new thread") if _MEMORY_LIMIT_MB else _OOM_WORDS
+    if not detail or detail.startswith("out of memory") or not any(w in detail for w in words):
+        return reason
+    limit = (f"the model actor's memory limit (resources.actor_memory_mb={_MEMORY_LIMIT_MB})"
+             if _MEMORY_LIMIT_MB else "the memory of its worker")
+    return (f"{stage}: out of memory: this image needs more than {limit} allows; raise the "
+            f"limit or run it on a bigger node ({detail})")[:500]
+
+
+def limit_memory(mb: int) -> int:
+    """Cap this process's private memory at its current size plus ``mb`` MB; returns the cap
+    in bytes.
+
+    ``RLIMIT_DATA`` (Linux >= 4.7 counts private writable mappings, so every ``malloc``/``mmap``
+    of numpy, torch, PIL and OpenCV) makes an allocation past the cap fail with ``ENOMEM``,
+    which Python raises as ``MemoryError`` and torch as ``RuntimeError: ... can't allocate
+    memory``: the image that needed it is rejected and the process lives on. It leaves out
+    what a Ray worker maps without using (``RLIMIT_AS`` would count the shared object store,
+    address space reserved without access such as malloc's arenas, and CUDA's address-space
+    reservations on a GPU); thread stacks do count. The cap is relative to what the process holds when it is set (a
+    Ray worker with torch loaded already has ~1 GB of private mappings, most never touched),
+    so the setting reads as "memory for the work, beyond the loaded models".
+    """
+    import resource
+
+    global _MEMORY_LIMIT_MB
+    held = 0
+    with open("/proc/self/status") as f:  # the same count RLIMIT_DATA is checked against
+        for line in f:
+            if line.startswith("VmData:"):
+                held = int(line.split()[1]) * 1024
+    cap = held + int(mb) * 2**20
+    _soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
+    _MEMORY_LIMIT_MB = int(mb)
+    return cap
 
 
 def _timed(batch: Batch, stage: str, t0: float) -> None:
@@ -503,18 +580,29 @@ class ModelActor:
         stages: ``(name, factory, config)`` triples; ``factory(config, storage_options=...)``
             builds the stage once, in the actor.
         storage_options: plain dict for :class:`~rootflow.io.storage.StorageOptions`.
+        memory_limit_mb: cap on the memory this actor may take beyond its loaded models
+            (:func:`limit_memory`); an image whose decode or model work needs more is
+            rejected ``"<stage>: out of memory: ..."`` and the actor goes on. None: no cap.
     """
 
     def __init__(self, stages: list[tuple[str, Callable[..., Any], Any]],
                  storage_options: dict[str, Any] | None = None,
                  producers: tuple[str, ...] | None = None, decode_first: bool = False,
-                 drop_image: bool = False) -> None:
+                 drop_image: bool = False, memory_limit_mb: int | None = None) -> None:
+        worker_logging()
+        t0 = time.perf_counter()
         self.stages = [(name, factory(cfg, storage_options=storage_options))
                        for name, factory, cfg in stages]
         self.producers = producers or tuple(name for name, _, _ in stages)
         self.decode_first = decode_first
         self.drop_image = drop_image
         self.ident = _actor_identity()
+        # The cap is set once the models are loaded: it bounds the work on the images.
+        self.memory_cap = limit_memory(memory_limit_mb) if memory_limit_mb else None
+        # One line per actor in the job's logs: where each model runs (node, GPU slot).
+        log.info("model actor %s ready: %s loaded in %.1f s, at %s UTC", self.ident,
+                 ",".join(name for name, _ in self.stages), time.perf_counter() - t0,
+                 time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()))
 
     def __call__(self, batch: Batch) -> Batch:
         if self.decode_first:
@@ -570,6 +658,7 @@ def run_guarded(name: str, stage: Callable[[Batch], Batch], batch: Batch) -> Bat
     except Exception as e:
         out = dict(batch)
         new = [None if b else _fail(name, e) for b in before]
+    new = [out_of_memory_reason(e) if e else None for e in new]  # stages word their own
     out["error"] = _objects(before)
     out[f"{name}_error"] = _objects(new)
     _timed(out, name, t0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +126,41 @@ def direct_archive(root: Path, n: int, height: int, width: int, seed: int = 0) -
     uri = str(root / "manifest.parquet")
     write_manifest(table, uri)
     return uri
+
+
+#: The job's per-commit progress line (rootflow.inference.pipeline.Progress.commit).
+COMMIT_LINE = re.compile(
+    r"commit (\d+): (\d+) rows so far; (\d+)/(\d+) images \((\d+)%\), ([\d.]+) images/s, "
+    r"elapsed ((?:\d+:)?\d+:\d\d), left ((?:\d+:)?\d+:\d\d|\?)")
+
+
+def _seconds(hms: str) -> int:
+    s = 0
+    for part in hms.split(":"):
+        s = 60 * s + int(part)
+    return s
+
+
+def check_commit_lines(text: str, *, images: int, rows: int, commits: int,
+                       min_lines: int = 2) -> list[tuple[int, ...]]:
+    """The per-commit progress lines in ``text`` tell the truth: commit numbers and rows so
+    far grow to the run's totals, images done never go back and reach the total, and the
+    percentage, rate and time left agree with the other figures. Returns ``(commit, rows,
+    done, total)`` per line."""
+    lines = COMMIT_LINE.findall(text)
+    assert len(lines) >= min_lines, f"{len(lines)} commit lines in:\n{text[-3000:]}"
+    out = []
+    for n, r, d, t, pct, rate, el, left in lines:
+        n_, r_, d_, t_, rate_ = int(n), int(r), int(d), int(t), float(rate)
+        assert t_ == images, (t_, images)
+        assert 0 < d_ <= t_ and int(pct) == round(100 * d_ / t_), (d_, t_, pct)
+        # rate = done / elapsed (elapsed printed to the second)
+        assert abs(rate_ * _seconds(el) - d_) <= 0.5 * rate_ + 0.005 * _seconds(el) + 1e-6, \
+            (rate, el, d)
+        out.append((n_, r_, d_, t_))
+        if d_ == t_:
+            assert left == "0:00", left
+    assert all(a[0] < b[0] and a[1] < b[1] and a[2] <= b[2]
+               for a, b in zip(out, out[1:], strict=False)), out
+    assert out[-1][0] == commits and out[-1][1] == rows and out[-1][2] == images, out
+    return out

@@ -229,3 +229,28 @@ def test_model_actor_runs_a_model_only_on_rows_that_need_it() -> None:
              for k, r in zip(recs["kind"], recs["record"], strict=True)]
     assert ("b", "rootquant", "traits") not in kinds and ("a", "rootquant", "traits") in kinds
     assert ("c", "rootquant", "reject") in kinds and len(kinds) == 3
+
+
+def test_default_pool_starts_with_every_free_gpu_and_can_grow_to_all() -> None:
+    """Guards against the default pool starting at one actor on a cluster whose GPUs are
+    already there (Ray Data grows a pool only while every actor holds two batches and by the
+    backlog it sees then, so GPUs could stay idle all run), and against it not reaching the
+    GPUs that worker groups add later (scale from zero starts at 1, can grow to the max)."""
+    from rootflow.inference.pipeline import resolve_resources
+
+    r = resolve_resources(Resources(), gpus=4.0, free=4.0)
+    assert (r.model_num_gpus, r.model_actors, r.initial_actors) == (1.0, (1, 4), 4)
+    # Another job holds one GPU: start with the 3 free, still allowed to grow to 4.
+    r = resolve_resources(Resources(), gpus=4.0, free=3.0)
+    assert (r.model_actors, r.initial_actors) == ((1, 4), 3)
+    # GPU groups that scale from zero to 16: nothing free yet, start at 1, grow to 16.
+    r = resolve_resources(Resources(), gpus=16.0, free=0.0)
+    assert (r.model_actors, r.initial_actors) == ((1, 16), 1)
+    # Half a GPU per actor: two actors per free GPU; bounds given by the user win.
+    r = resolve_resources(Resources(model_num_gpus=0.5), gpus=2.0, free=2.0)
+    assert (r.model_actors, r.initial_actors) == ((1, 4), 4)
+    r = resolve_resources(Resources(model_actors=(2, 3)), gpus=8.0, free=8.0)
+    assert (r.model_actors, r.initial_actors) == ((2, 3), 3)
+    # No GPUs: one CPU actor.
+    r = resolve_resources(Resources(), gpus=0.0, free=0.0)
+    assert (r.model_num_gpus, r.model_actors, r.initial_actors) == (0.0, (1, 1), 1)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from rootflow.cli import app
 from rootflow.inference.pipeline import InferConfig, run, scope_key
 from rootflow.lake import Lake
-from tests.pipeline._helpers import small_archive
+from tests.pipeline._helpers import check_commit_lines, small_archive
 
 pytestmark = pytest.mark.ray
 
@@ -126,11 +126,16 @@ def test_reprocess_cli_lists_archive_again_and_respects_dates(ray_local, tmp_pat
     n_first = s["n_images"]
     assert 1 <= n_first < 4 and s["n_images"] + s["n_skipped"] == 4
 
-    # The nightly run without dates picks up the rest and nothing twice.
-    res = runner.invoke(app, args)
+    # The nightly run without dates picks up the rest and nothing twice (one commit a row:
+    # its progress lines count the images of this run only, up to what it committed).
+    res = runner.invoke(app, [*args, "--set", "commit_every=1",
+                              "--set", "resources.block_rows=1"])
     assert res.exit_code == 0, res.output
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["n_images"] == 4 - n_first and s["n_skipped"] == n_first
+    mine = [r for r in Lake(lake_uri).read("traits").to_pylist() if r["run_id"] == s["run_id"]]
+    check_commit_lines(res.stderr, images=4 - n_first, rows=len(mine), commits=s["commits"],
+                       min_lines=min(2, 4 - n_first))
 
     # Images added to the archive since the last run are found by re-listing.
     more = small_archive(str(tmp_path / "more"), n_images=1, seed=99, bad=False)
@@ -147,13 +152,16 @@ def test_reprocess_cli_lists_archive_again_and_respects_dates(ray_local, tmp_pat
 
 
 def test_infer_cli_exit_code_and_overrides(ray_local, tmp_path) -> None:
-    """`rootflow infer`: exit code 3 when rows were rejected; --set reaches nested settings."""
+    """`rootflow infer`: exit code 3 when rows were rejected; --set reaches nested settings.
+    Guards too against the per-commit progress line (what a job's logs show) disappearing or
+    lying: one line per commit whose rows and images done grow to what the lake holds."""
     arch = small_archive(str(tmp_path), n_images=2)
     lake_uri = str(tmp_path / "lake")
     res = CliRunner().invoke(app, [
         "infer", arch.manifest_uri, lake_uri, "--producers", "mask",
         "--set", "commit_every=2", "--set", "rootsam.lattice_points_per_side=4",
-        "--set", "trait_options.prune_px=2.0", "--summary-json", str(tmp_path / "s.json")])
+        "--set", "trait_options.prune_px=2.0", "--set", "resources.block_rows=1",
+        "--summary-json", str(tmp_path / "s.json")])
     assert res.exit_code == 3, res.output
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["n_images_rejected"] == len(arch.bad_ids) and s["commits"] >= 2
@@ -161,3 +169,6 @@ def test_infer_cli_exit_code_and_overrides(ray_local, tmp_path) -> None:
     traits = Lake(lake_uri).read("traits").to_pylist()
     assert {r["prune_px"] for r in traits} == {2.0}
     assert all(r["model_version"].startswith("traits-") for r in traits)
+    rejects = Lake(lake_uri).read("rejects")
+    check_commit_lines(res.stderr, images=arch.n_rows, rows=len(traits) + rejects.num_rows,
+                       commits=s["commits"])
