@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Iterable, Mapping
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from rootflow.io import storage
+
+if TYPE_CHECKING:  # torch is imported where it is used: a forest needs only read_verified,
+    import torch  # and importing torch costs seconds of actor start-up
 
 
 class ChecksumError(ValueError):
@@ -79,11 +80,15 @@ def load(uri: str, *, sha256: str | None = None,
          storage_options: storage.StorageLike = None) -> Any:
     """Load a checkpoint object with ``weights_only=True`` after an optional sha256 check."""
     data = read_verified(uri, sha256=sha256, storage_options=storage_options)
+    import torch
+
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def save(obj: Any, uri: str, *, storage_options: storage.StorageLike = None) -> str:
     """Save ``obj`` (tensors, plain containers, str/int/float) to ``uri``; returns its sha256."""
+    import torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     data = buf.getvalue()
