@@ -177,7 +177,8 @@ def evaluate_rootsam(data: str, *, variant: str, base_checkpoint: str | None = N
         t0 = time.perf_counter()
         pred = RootSAMPredictor(cfg, storage_options=storage_options)
         random_init = random_init or pred.model.random_init
-        out[label] = {**score(pred, pairs, max_clicks=max_clicks), "version": pred.version}
+        out[label] = {**score(pred, pairs, max_clicks=max_clicks), "version": pred.version,
+                      "prompt_mode": pred.policy.mode, "policy_source": pred.policy_source}
         log.info("evaluate rootsam: %s done in %.1f s: %s", label,
                  time.perf_counter() - t0, out[label])
     out["meta"] = {"data": data, "n_images": n_images, "view_px": view,

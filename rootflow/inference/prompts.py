@@ -328,11 +328,17 @@ def prompt_statistics(points: np.ndarray, labels: np.ndarray) -> dict[str, float
 
 # --------------------------------------------------------------------------- simulated clicks
 def next_click(pred: Any, truth: Any) -> tuple[float, float, int] | None:
-    """The simulated clicker: the next click on a prediction, as SAM's interactive training.
+    """The simulated clicker: the next click on a prediction, as SAM2 trains and evaluates.
 
-    The click goes to the centre (largest Euclidean distance to the region's border, the image
-    border counting as border) of the largest connected error region: positive (``1``) when
-    that region is missed root, negative (``0``) when it is false root.
+    SAM2's "center" clicker (``sam2.modeling.sam2_utils.sample_one_point_from_error_center``,
+    RITM's): the click goes to the error pixel farthest from the border of its error region
+    (Euclidean distance transform, the image border counting as border), over the missed-root
+    map and the false-root map; positive (``1``) when that pixel is missed root, negative
+    (``0``) when it is false root (a tie goes to the negative, as in SAM2). So the click lands
+    in the centre of the *thickest* error, where it is unambiguous. (Picking the largest
+    error region by area instead, as this function did before, sends most clicks to the 1-2 px
+    slivers along a thin root's edge, where a click half covers the true root: measured to
+    leave negative clicks untrainable, docs/rootsam.md "Corrective clicks".)
 
     Args:
         pred: bool ``(H, W)`` current prediction.
@@ -341,25 +347,17 @@ def next_click(pred: Any, truth: Any) -> tuple[float, float, int] | None:
     Returns:
         ``(x, y, label)`` with ``x, y`` the pixel centre, or None when there is no error.
     """
-    import cv2
-
     p = _as_numpy(pred).astype(bool)
     t = _as_numpy(truth).astype(bool)
     if p.shape != t.shape or p.ndim != 2:
         raise ValueError(f"pred {p.shape} and truth {t.shape} must be the same (H, W)")
-    best: tuple[int, np.ndarray, int] | None = None
-    for err, label in ((t & ~p, 1), (p & ~t, 0)):
-        if not err.any():
-            continue
-        n, comp, stats, _ = cv2.connectedComponentsWithStats(err.astype(np.uint8), connectivity=8)
-        k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-        area = int(stats[k, cv2.CC_STAT_AREA])
-        if best is None or area > best[0]:
-            best = (area, comp == k, label)
-    if best is None:
+    d_fn = edt(t & ~p)
+    d_fp = edt(p & ~t)
+    m_fn, m_fp = float(d_fn.max(initial=0.0)), float(d_fp.max(initial=0.0))
+    if m_fn == 0.0 and m_fp == 0.0:
         return None
-    _, region, label = best
-    d = edt(region)
+    label = int(m_fn > m_fp)
+    d = d_fn if label else d_fp
     r, c = np.unravel_index(int(np.argmax(d)), d.shape)
     return float(c) + 0.5, float(r) + 0.5, label
 
@@ -377,3 +375,54 @@ def next_clicks_batch(pred: Any, truth: Any) -> tuple[np.ndarray, np.ndarray]:
             pts[i] = c[:2]
             labs[i] = c[2]
     return pts, labs
+
+
+# --------------------------------------------------------------------------- clicks in the mask prompt
+CLICK_LOGIT = 32.0  # |logit| a click writes into the mask prompt (SAM2's low-res logit clamp)
+CLICK_RADIUS = 1.5  # radius of a click's disk in low-res logit pixels (4 input px each)
+
+
+def paint_clicks(mask_logits: Any, points: Any, labels: Any, *, image_size: int,
+                 radius: float = CLICK_RADIUS, value: float = CLICK_LOGIT) -> Any:
+    """The previous low-res logits with each click written in as a small disk: the mask prompt
+    of a corrective round (training's click rounds and :meth:`RootSAMPredictor.refine` both
+    call this).
+
+    Why: a click reaches SAM's decoder as a sparse point token, and its effect stays local only
+    once the decoder has learnt to match the token's positional encoding with the image's;
+    SAM2.1's decoder has, a decoder trained from random initialisation does not within a
+    fine-tuning budget (measured: docs/rootsam.md, "Corrective clicks"). The dense mask prompt
+    is local by construction (a convolution added to the image embedding), so writing the
+    click into it, ``+value`` (root) or ``-value`` (not root) on the low-res pixels within
+    ``radius`` of the click, tells the decoder *where* the previous mask is wrong. Clicks are
+    ground-truth consistent (a simulated click sits at the centre of an error region), so the
+    written disk never contradicts the target.
+
+    Args:
+        mask_logits: ``(B, 1, s, s)`` torch logits (``s = image_size / 4``), not modified.
+        points: ``(B, K, 2)`` xy clicks in model-input px (pixel centres); labels ``(B, K)``
+            (``1`` root, ``0`` not root, ``-1`` padding: ignored).
+        image_size: the model's input side (points' frame).
+
+    Returns:
+        A new ``(B, 1, s, s)`` tensor, clamped to ``[-value, value]`` (inference clamps its
+        logits the same way before they become a mask prompt).
+    """
+    import torch
+
+    out = mask_logits.detach().float().clamp(-value, value).clone()
+    s = int(out.shape[-1])
+    pts = torch.as_tensor(points, dtype=torch.float32, device=out.device).reshape(len(out), -1, 2)
+    labs = torch.as_tensor(labels, device=out.device).reshape(len(out), -1)
+    if pts.shape[1] == 0:
+        return out
+    centres = (torch.arange(s, device=out.device, dtype=torch.float32) + 0.5)
+    lr = pts * (s / float(image_size))  # low-res px
+    dy = centres[None, None, :, None] - lr[..., 1, None, None]  # (B, K, s, 1)
+    dx = centres[None, None, None, :] - lr[..., 0, None, None]  # (B, K, 1, s)
+    inside = (dx * dx + dy * dy) <= radius * radius  # (B, K, s, s)
+    for k in range(pts.shape[1]):  # in click order: a later click wins where disks overlap
+        hit = inside[:, k] & (labs[:, k] >= 0)[:, None, None]
+        v = torch.where(labs[:, k] == 1, value, -value)[:, None, None]
+        out[:, 0] = torch.where(hit, v, out[:, 0])
+    return out

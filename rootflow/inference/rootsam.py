@@ -39,7 +39,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from rootflow.inference.prompts import PromptPolicy
+from rootflow.inference.prompts import PromptPolicy, paint_clicks
 from rootflow.inference.stages import _errors, _objects
 from rootflow.inference.tiling import BlendKind, Stitcher, TileGrid, extract_tiles, make_grid
 from rootflow.io import storage
@@ -89,6 +89,12 @@ class RootSAMInferenceConfig:
         blend: stitch weights (``cosine`` or ``linear``).
         seed: seeds the auto-mode point sampling (results do not depend on batch order).
         embedding_cache_tiles: tile embeddings kept for :meth:`RootSAMPredictor.refine`.
+        policy_source: ``checkpoint`` (default): when ``rootsam_checkpoint`` records the
+            prompt policy it was trained with (``train_config.task.prompts``), infer with that
+            policy and ignore ``prompt_mode`` / ``lattice_points_per_side`` / ``auto_*``;
+            ``config``: use those fields (the explicit override, e.g. ``--set
+            policy_source=config --set prompt_mode=lattice``). A checkpoint without a recorded
+            policy, or no checkpoint, always uses the fields.
     """
 
     variant: str = "hiera_base_plus"
@@ -112,6 +118,7 @@ class RootSAMInferenceConfig:
     blend: BlendKind = "cosine"
     seed: int = 0
     embedding_cache_tiles: int = 64
+    policy_source: Literal["checkpoint", "config"] = "checkpoint"
 
 
 @dataclasses.dataclass
@@ -147,10 +154,39 @@ class _Prepared:
 
 
 def policy_of(config: RootSAMInferenceConfig) -> PromptPolicy:
-    """The :class:`PromptPolicy` an inference config asks for."""
+    """The :class:`PromptPolicy` an inference config's fields ask for."""
     return PromptPolicy(mode=config.prompt_mode, lattice_per_side=config.lattice_points_per_side,
                         n_pos=config.auto_n_pos, n_neg=config.auto_n_neg,
                         threshold=config.auto_threshold)
+
+
+def trained_policy(train_config: Mapping[str, Any] | None) -> PromptPolicy | None:
+    """The prompt policy a RootSAM checkpoint's ``train_config`` records
+    (``task.prompts``), or None when it records none."""
+    from rootflow.config import from_dict
+
+    prompts = ((train_config or {}).get("task") or {}).get("prompts")
+    if not isinstance(prompts, Mapping):
+        return None
+    return from_dict(PromptPolicy, prompts)
+
+
+def resolve_policy(config: RootSAMInferenceConfig, *,
+                   storage_options: storage.StorageLike = None) -> tuple[PromptPolicy, str]:
+    """The policy inference runs with, and where it came from (``checkpoint`` or ``config``):
+    the RootSAM checkpoint's training policy unless ``policy_source="config"`` or the
+    checkpoint records none (see :class:`RootSAMInferenceConfig`)."""
+    if config.policy_source not in ("checkpoint", "config"):
+        raise ValueError(f"policy_source must be checkpoint|config, got {config.policy_source!r}")
+    if config.policy_source == "checkpoint" and config.rootsam_checkpoint:
+        from rootflow.models.rootsam import load_rootsam_checkpoint
+
+        ckpt = load_rootsam_checkpoint(config.rootsam_checkpoint, sha256=config.rootsam_sha256,
+                                       storage_options=storage_options)
+        found = trained_policy(ckpt.train_config)
+        if found is not None:
+            return found, "checkpoint"
+    return policy_of(config), "config"
 
 
 @dataclasses.dataclass
@@ -284,7 +320,7 @@ class RootSAMPredictor:
         self._cache: OrderedDict[tuple[str, int], ImageEmbeddings] = OrderedDict()
         self._prompt_cache: OrderedDict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = (
             OrderedDict())
-        self.policy = policy_of(cfg)
+        self.policy, self.policy_source = resolve_policy(cfg, storage_options=storage_options)
         if self.model.random_init:
             log.warning("RootSAMPredictor: random-init model (%s): outputs are NOT root masks",
                         self.model.version)
@@ -298,9 +334,11 @@ class RootSAMPredictor:
     def params(self) -> dict[str, Any]:
         """JSON-safe description of how masks are made (stored as ``rootsam_params``)."""
         c = self.config
+        pol = self.policy
         p: dict[str, Any] = {
-            "prompt_mode": c.prompt_mode,
-            "lattice_points_per_side": c.lattice_points_per_side,
+            "prompt_mode": pol.mode,
+            "lattice_points_per_side": pol.lattice_per_side,
+            "policy_source": self.policy_source,
             "mask_threshold": c.mask_threshold,
             "tile_px": self.tile,
             "tile_overlap_px": self._grid_overlap(),
@@ -311,9 +349,9 @@ class RootSAMPredictor:
             "random_init": self.model.random_init,
             "precision": str(self.dtype).removeprefix("torch."),
         }
-        if c.prompt_mode in ("auto", "edt"):
-            p.update(auto_n_pos=c.auto_n_pos, auto_n_neg=c.auto_n_neg,
-                     auto_threshold=c.auto_threshold, seed=c.seed)
+        if pol.mode in ("auto", "edt"):
+            p.update(auto_n_pos=pol.n_pos, auto_n_neg=pol.n_neg, auto_threshold=pol.threshold,
+                     seed=c.seed)
         return p
 
     # ----------------------------------------------------------------- main path
@@ -465,9 +503,10 @@ class RootSAMPredictor:
         Public API (the correction studio and :func:`rootflow.inference.correct.correct_image`
         call it). Each re-run tile is decoded with its *original prompts* (the policy's points
         of :meth:`predict` for that tile) plus all clicks that fall in it (tile coordinates),
-        and the previous logits of that tile as SAM's mask prompt: the same inputs as the
-        click rounds of training. Other tiles keep the previous logits and the stitch blends
-        the two smoothly. Tile embeddings (and recomputed original prompts) are cached (LRU of
+        and the previous logits of that tile, with those clicks written in
+        (:func:`~rootflow.inference.prompts.paint_clicks`), as SAM's mask prompt: the same
+        inputs as the click rounds of training. Other tiles keep the previous logits and the
+        stitch blends the two smoothly. Tile embeddings (and recomputed original prompts) are cached (LRU of
         ``embedding_cache_tiles``), so a second round of clicks on the same image skips the
         encoder.
 
@@ -516,8 +555,9 @@ class RootSAMPredictor:
                 continue
             sel = [i for i, (x, y) in enumerate(pts) if k in g.tiles_containing(float(x),
                                                                                 float(y))]
-            tp = pts[sel] - np.array([x0, y0], np.float32)
-            tl = labs[sel]
+            cp = pts[sel] - np.array([x0, y0], np.float32)
+            cl = labs[sel]
+            tp, tl = cp, cl
             emb = self._tile_embedding(key, prep, k)
             if keep_prompts:
                 op, ol = self._original_prompts(key, g, k, emb, prompts)
@@ -525,6 +565,8 @@ class RootSAMPredictor:
             mask_in = torch.from_numpy(prev_tiles[k])[None, None].to(self.device)
             mask_in = torch.nn.functional.interpolate(mask_in, size=(s4, s4), mode="bilinear",
                                                       antialias=True, align_corners=False)
+            # the clicks written into the mask prompt, as in training's click rounds
+            mask_in = paint_clicks(mask_in, cp[None], cl[None], image_size=self.tile)
             logits, iou = self._decode(emb, tp[None], tl[None], repeat_image=False,
                                        mask_input=mask_in)
             st.add(k, self._upscale(logits[0, 0]))

@@ -1,4 +1,5 @@
-"""RootSAM's losses as small pure functions: focal Tversky + boundary + IoU-head MSE.
+"""RootSAM's losses as small pure functions: focal Tversky + boundary + IoU-head MSE (+ BCE,
+logit range).
 
 * **Focal Tversky** (Abraham & Khan 2019): roots cover 0.1-5 % of a frame, so pixel-wise BCE is
   dominated by soil. Tversky weighs false negatives (``alpha``) above false positives
@@ -12,6 +13,10 @@
 * **IoU-head MSE**: SAM's IoU-prediction head is trained to predict the IoU of its own mask
   with the ground truth (as SAM/SAM2 train it), so RootSAM's confidence stays meaningful for
   QC after fine-tuning.
+* **BCE** and a **logit-range penalty** (``LossConfig.w_bce``, ``logit_range``/``w_range``):
+  the two sigmoid-based terms above give no gradient to a pixel predicted wrong with a large
+  logit, and without a bound the logits grow until neither the mask prompt nor a corrective
+  click can move a pixel; these two terms keep clicks trainable (see :class:`LossConfig`).
 
 Empty masks: Tversky uses a smoothing term so an empty prediction on an empty target costs 0
 and any false positive costs > 0; the distance map of an empty target is ``+1`` everywhere
@@ -38,6 +43,21 @@ class LossConfig:
         tversky_beta: weight of false positives.
         tversky_gamma: focal exponent (``loss = (1 - TI) ** gamma``).
         w_tversky / w_boundary / w_iou: weights of the three terms.
+        w_bce: weight of a per-pixel binary cross-entropy term (0 = the three terms alone).
+            Focal Tversky and the boundary term act through ``sigmoid(logits)``: a pixel
+            predicted wrong with a large logit gives them almost no gradient, and under Adam
+            the logits of a decoder trained from scratch grow to |logit| ~ 100 within a few
+            hundred steps, so the errors a corrective click marks are never corrected
+            (measured, docs/rootsam.md "Corrective clicks"). BCE's gradient on a wrong pixel
+            stays ``|p - t| ~ 1`` however confident it is (SAM's own mask loss is BCE-based
+            focal + Dice for the same reason).
+        logit_range / w_range: a penalty ``w_range * mean(relu(|logit| - logit_range)^2) /
+            logit_range`` (0 weight or range = off). Without it the image-only evidence of a
+            decoder trained from scratch grows to |logit| ~ 100, and neither the mask prompt
+            nor a click (both enter the decoder through bounded embeddings) can move a pixel
+            that confident: the previous mask is ignored and clicks barely act. With logits
+            kept near the range the decision (``logit > 0``) is unchanged, and the previous
+            mask and clicks can still flip it (measured, docs/rootsam.md "Corrective clicks").
     """
 
     tversky_alpha: float = 0.7
@@ -46,6 +66,9 @@ class LossConfig:
     w_tversky: float = 1.0
     w_boundary: float = 0.5
     w_iou: float = 1.0
+    w_bce: float = 1.0
+    logit_range: float = 4.0
+    w_range: float = 1.0
 
 
 def focal_tversky_loss(logits: torch.Tensor, target: torch.Tensor, *, alpha: float = 0.7,
@@ -167,5 +190,15 @@ def rootsam_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Ten
     bd = boundary_loss(logits, sdm).mean()
     iou = iou_head_loss(iou_pred, logits, target).mean()
     total = cfg.w_tversky * ft + cfg.w_boundary * bd + cfg.w_iou * iou
-    return total, {"loss": float(total.detach()), "tversky": float(ft.detach()),
-                   "boundary": float(bd.detach()), "iou_mse": float(iou.detach())}
+    parts = {"tversky": float(ft.detach()), "boundary": float(bd.detach()),
+             "iou_mse": float(iou.detach())}
+    if cfg.w_bce:
+        bce = F.binary_cross_entropy_with_logits(logits.float(), target.float())
+        total = total + cfg.w_bce * bce
+        parts["bce"] = float(bce.detach())
+    if cfg.w_range and cfg.logit_range > 0:
+        over = (logits.float().abs() - cfg.logit_range).clamp_min(0)
+        rng = (over * over).mean() / cfg.logit_range
+        total = total + cfg.w_range * rng
+        parts["logit_range"] = float(rng.detach())
+    return total, {"loss": float(total.detach()), **parts}

@@ -11,9 +11,10 @@ Prompts come from the one :class:`~rootflow.inference.prompts.PromptPolicy` infe
 (``task.prompts``; give inference the same values). Each training sample is an interactive
 episode (:func:`interactive_rounds`, SAM's click simulation): a prompt-free pass; the policy's
 points labelled by the ground truth, with the first pass's logits as mask prompt; then
-``click_rounds`` simulated corrective clicks (:func:`rootflow.inference.prompts.next_click`:
-centre of the largest error region, positive on a missed root, negative on a false one), each
-added to the prompts with the previous low-res logits as mask prompt. The loss is the mean over
+``click_rounds`` simulated corrective clicks (:func:`rootflow.inference.prompts.next_click`,
+SAM2's clicker: the centre of the thickest error, positive on a missed root, negative on a false
+one), each added to the prompts, with the previous low-res logits plus the clicks written in
+(:func:`rootflow.inference.prompts.paint_clicks`) as mask prompt. The loss is the mean over
 rounds. Validation runs the *deployed* policy (:func:`rootflow.inference.rootsam.deployed_decode`:
 labels from the prompt-free pass, no ground truth) at the stage's own patch size, so ``val_miou``
 measures the masks inference writes; each validation patch is scored exactly once over all
@@ -45,7 +46,7 @@ from torch import nn
 
 from rootflow import config as rf_config
 from rootflow.evaluation.metrics import SegmentationMeter, summarize
-from rootflow.inference.prompts import PromptPolicy, next_clicks_batch
+from rootflow.inference.prompts import PromptPolicy, next_clicks_batch, paint_clicks
 from rootflow.io import storage
 from rootflow.training.augment import AugmentConfig, build_augment
 from rootflow.training.data import (
@@ -158,9 +159,11 @@ def interactive_rounds(model: Any, emb: Any, points: torch.Tensor, labels: torch
     by the ground truth) with round 0's logits (detached) as mask prompt. Rounds 2..: one
     simulated click per sample (:func:`~rootflow.inference.prompts.next_clicks_batch` on the
     previous prediction at patch size; padding where it is already perfect) appended to the
-    prompts, previous low-res logits (detached) as mask prompt: exactly what
+    prompts, previous low-res logits (detached) with all clicks so far written in
+    (:func:`~rootflow.inference.prompts.paint_clicks`) as mask prompt: exactly what
     :meth:`RootSAMPredictor.refine` feeds at inference (original prompts + clicks + previous
-    logits).
+    logits with the clicks written in). Gradient flows within each round; rounds are linked
+    only through detached logits, as in SAM.
 
     Args:
         model: the :class:`~rootflow.models.rootsam.RootSAM`.
@@ -194,14 +197,20 @@ def interactive_rounds(model: Any, emb: Any, points: torch.Tensor, labels: torch
             labs[i] = torch.from_numpy(l_i).to(dev)
     pts = points * scale
     truth = mask.detach().bool().cpu().numpy()
+    clicks = torch.zeros(len(pts), 0, 2, device=dev)
+    click_labs = torch.zeros(len(pts), 0, dtype=torch.int32, device=dev)
     for r in range(1 + click_rounds):
+        prompt = logits.detach()
         if r > 0:
             with torch.no_grad():
                 pred = (model.upscale(logits.detach(), patch)[:, 0] > 0).cpu().numpy()
             cp, cl = next_clicks_batch(pred, truth)
-            pts = torch.cat([pts, torch.from_numpy(cp).to(dev)[:, None] * scale], dim=1)
-            labs = torch.cat([labs, torch.from_numpy(cl).to(dev)[:, None]], dim=1)
-        logits, iou, _ = model.decode(emb, points=pts, labels=labs, mask_input=logits.detach())
+            clicks = torch.cat([clicks, torch.from_numpy(cp).to(dev)[:, None] * scale], dim=1)
+            click_labs = torch.cat([click_labs, torch.from_numpy(cl).to(dev)[:, None]], dim=1)
+            prompt = paint_clicks(prompt, clicks, click_labs, image_size=model.image_size)
+        logits, iou, _ = model.decode(emb, points=torch.cat([pts, clicks], dim=1),
+                                      labels=torch.cat([labs, click_labs], dim=1),
+                                      mask_input=prompt)
         rounds.append((logits, iou))
     return rounds
 

@@ -267,9 +267,11 @@ def test_embedded_coordinate_on_1px_root():
         del pe.pe_layer.forward_with_coords
 
 
-def test_next_click_goes_to_centre_of_largest_error():
-    """Guards against the simulated clicker clicking on an edge, on the smaller error, or
-    with the wrong label: missed root -> positive at its centre; false root -> negative."""
+def test_next_click_goes_to_centre_of_thickest_error():
+    """Guards against the simulated clicker clicking on an edge, on the thinner error, or
+    with the wrong label: missed root -> positive at its centre; false root -> negative; and
+    (SAM2's rule) a long 1-px sliver along a root's edge loses to a smaller but thicker error,
+    where a click is unambiguous."""
     from rootflow.inference.prompts import next_click, next_clicks_batch
 
     truth = np.zeros((60, 80), bool)
@@ -285,3 +287,27 @@ def test_next_click_goes_to_centre_of_largest_error():
     assert next_click(truth, truth) is None
     pts, labs = next_clicks_batch(np.stack([pred, truth]), np.stack([truth, truth]))
     assert labs.tolist() == [0, -1] and pts[0].tolist() == [x, y]
+    sliver = truth.copy()
+    sliver[21, 5:75] = True  # 70-px false sliver along the root's edge (largest by area)
+    sliver[50:55, 60:66] = True  # 30-px false blob, 5 px thick
+    x, y, lab = next_click(sliver, truth)
+    assert lab == 0 and (x, y) == (62.5, 52.5)
+
+
+def test_paint_clicks_writes_each_click_at_its_low_res_pixel():
+    """Guards the dense path of a click (training's click rounds and ``refine`` both use it):
+    a click must land on the low-res pixel that contains it (x = column, in model-input px),
+    with the click's sign, later clicks winning, padding ignored, the input left untouched and
+    the result clamped to SAM2's logit range."""
+    import torch
+
+    from rootflow.inference.prompts import CLICK_LOGIT, paint_clicks
+
+    prev = torch.full((1, 1, 32, 32), 50.0)  # 128 px input -> 32 low-res, 4 px each
+    pts = np.array([[[41.0, 9.0], [41.0, 9.0], [100.0, 100.0]]], np.float32)
+    out = paint_clicks(prev, pts, np.array([[1, 0, -1]]), image_size=128)
+    assert float(prev.max()) == 50.0  # not modified
+    assert out[0, 0, 9 // 4, 41 // 4] == -CLICK_LOGIT  # the later (negative) click wins
+    assert out[0, 0, 25, 25] == CLICK_LOGIT  # padding at (100, 100): only clamped
+    changed = (out[0, 0] < 0).nonzero().tolist()
+    assert all(abs(r - 2) <= 2 and abs(c - 10) <= 2 for r, c in changed)  # stays local

@@ -124,3 +124,31 @@ def test_model_version_known_before_building(tmp_path):
     R.save_rootsam_checkpoint(R.build_rootsam("test", base_checkpoint=base), rs, version="rs-9")
     cfg = dataclasses.replace(TINY, base_checkpoint=base, rootsam_checkpoint=rs)
     assert model_version(cfg) == RootSAMPredictor(cfg).version == "rs-9"
+
+
+def test_inference_uses_the_policy_the_checkpoint_was_trained_with(tmp_path):
+    """Guards against a decoder being asked about prompts it was not trained on: a RootSAM
+    checkpoint recording its training policy (``train_config.task.prompts``) sets the
+    predictor's policy (and the recorded params) over the config's fields, unless the config
+    says ``policy_source="config"``; a checkpoint without one falls back to the fields."""
+    from rootflow import config as rf_config
+    from rootflow.inference.prompts import PromptPolicy
+    from rootflow.inference.rootsam import RootSAMInferenceConfig, RootSAMPredictor, policy_of
+    from rootflow.models.rootsam import build_rootsam, save_rootsam_checkpoint
+
+    trained_with = PromptPolicy(mode="lattice", lattice_per_side=3, threshold=0.4)
+    model = build_rootsam("micro")
+    with_policy, without = str(tmp_path / "a.pt"), str(tmp_path / "b.pt")
+    save_rootsam_checkpoint(model, with_policy, version="rs-a",
+                            train_config={"task": {"prompts": rf_config.to_dict(trained_with)}})
+    save_rootsam_checkpoint(model, without, version="rs-b")
+    cfg = RootSAMInferenceConfig(variant="micro", device="cpu", rootsam_checkpoint=with_policy,
+                                 prompt_mode="auto", lattice_points_per_side=2)
+    pred = RootSAMPredictor(cfg)
+    assert pred.policy == trained_with and pred.policy_source == "checkpoint"
+    assert pred.params["prompt_mode"] == "lattice"
+    assert pred.params["lattice_points_per_side"] == 3
+    override = RootSAMPredictor(dataclasses.replace(cfg, policy_source="config"))
+    assert override.policy == policy_of(cfg) and override.params["prompt_mode"] == "auto"
+    fallback = RootSAMPredictor(dataclasses.replace(cfg, rootsam_checkpoint=without))
+    assert fallback.policy == policy_of(cfg) and fallback.policy_source == "config"

@@ -86,13 +86,63 @@ def thick_pair(seed: int, *, size: int = 128, n_roots: int = 2,
     return image, root
 
 
+def stub_pair(seed: int, *, size: int = 128, n_roots: int = 2, n_stubs: int = 2,
+              ) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, bool]]]:
+    """A :func:`thick_pair`-like view with ``n_stubs`` short root pieces (``size``/9 to
+    ``size``/6 px long, as wide as the roots) that look alike, each annotated as root or not
+    with probability 1/2 (a live root tip vs a dead fragment the annotator skipped). The image
+    cannot tell them apart, so a prompt-free pass must guess; a click on one settles it: the
+    errors a corrective click exists for. Returns the image, the mask and each stub's
+    ``(pixels, is_root)``."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(70, 12, (size, size, 3)).clip(0, 255).astype(np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    for _ in range(n_roots):
+        x, y = float(rng.uniform(0.15, 0.85) * size), 0.0
+        angle = rng.uniform(np.pi / 3, 2 * np.pi / 3)
+        thick = int(rng.integers(size // 20, size // 12 + 1))
+        pts = []
+        while 0 <= y < size and 0 <= x < size:
+            pts.append((int(x), int(y)))
+            angle += rng.normal(0, 0.1)
+            x, y = x + 4 * np.cos(angle), y + 4 * np.sin(angle)
+        if len(pts) > 1:
+            cv2.polylines(mask, [np.array(pts, np.int32)], False, 255, thick)
+    shown = mask > 0
+    stubs: list[tuple[np.ndarray, bool]] = []
+    for _ in range(50 * n_stubs):
+        if len(stubs) == n_stubs:
+            break
+        length = rng.uniform(size / 9, size / 6)
+        angle = rng.uniform(0, np.pi)
+        cx, cy = rng.uniform(0.15, 0.85, 2) * size
+        dx, dy = 0.5 * length * np.cos(angle), 0.5 * length * np.sin(angle)
+        stub = np.zeros((size, size), np.uint8)
+        cv2.line(stub, (int(cx - dx), int(cy - dy)), (int(cx + dx), int(cy + dy)), 255,
+                 int(rng.integers(size // 20, size // 12 + 1)))
+        s = stub > 0
+        grown = cv2.dilate(stub, np.ones((7, 7), np.uint8)) > 0
+        if (grown & shown).any():  # apart from roots and other stubs: its own error region
+            continue
+        is_root = bool(rng.random() < 0.5)
+        stubs.append((s, is_root))
+        shown |= s
+        if is_root:
+            mask[s] = 255
+    root = mask > 0
+    image[shown] = np.clip(rng.normal(200, 15, (int(shown.sum()), 3)), 0, 255).astype(np.uint8)
+    return image, root, stubs
+
+
 def train_small_decoder(policy, *, variant: str = "micro", n_images: int = 8, steps: int = 60,
                         batch: int = 4, click_rounds: int = 2, lr: float = 1e-3,
-                        seed: int = 0, decoys: int = 0, rule_share: float = 0.5):
+                        seed: int = 0, decoys: int = 0, rule_share: float = 0.5,
+                        stubs: int = 0):
     """A small RootSAM (``micro`` variant: 128 px input, decoder of width 64) whose decoder is
     trained by RootSAM's own training step (:func:`interactive_rounds` + :func:`episode_loss`,
-    prompts from ``policy``) on :func:`thick_pair` views of the model's input size, with the
-    (frozen, random-init) encoder's outputs computed once. Returns the model (eval mode)."""
+    prompts from ``policy``) on :func:`thick_pair` views (or :func:`stub_pair` views with
+    ``stubs`` ambiguous root pieces each) of the model's input size, with the (frozen,
+    random-init) encoder's outputs computed once. Returns the model (eval mode)."""
     import torch
 
     threads = torch.get_num_threads()
@@ -100,13 +150,13 @@ def train_small_decoder(policy, *, variant: str = "micro", n_images: int = 8, st
     try:
         return _train(policy, variant=variant, n_images=n_images, steps=steps, batch=batch,
                       click_rounds=click_rounds, lr=lr, seed=seed, decoys=decoys,
-                      rule_share=rule_share)
+                      rule_share=rule_share, stubs=stubs)
     finally:
         torch.set_num_threads(threads)
 
 
 def _train(policy, *, variant, n_images, steps, batch, click_rounds, lr, seed, decoys,
-           rule_share):
+           rule_share, stubs):
     import torch
 
     from rootflow.models.rootsam import build_rootsam
@@ -116,7 +166,9 @@ def _train(policy, *, variant, n_images, steps, batch, click_rounds, lr, seed, d
     torch.manual_seed(seed)
     model = build_rootsam(variant)
     freeze_encoder(model)
-    pairs = [thick_pair(1000 + seed * 100 + i, size=model.image_size, decoys=decoys)
+    pairs = [stub_pair(1000 + seed * 100 + i, size=model.image_size, n_stubs=stubs)[:2]
+             if stubs else
+             thick_pair(1000 + seed * 100 + i, size=model.image_size, decoys=decoys)
              for i in range(n_images)]
     with torch.no_grad():
         emb = model.encode(model.preprocess(np.stack([p[0] for p in pairs])))

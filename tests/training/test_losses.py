@@ -84,8 +84,29 @@ def test_rootsam_loss_backprops_and_reports_parts() -> None:
     loss, parts = rootsam_loss(logits, iou, m, sdm, LossConfig())
     loss.backward()
     assert logits.grad is not None and iou.grad is not None
-    assert set(parts) == {"loss", "tversky", "boundary", "iou_mse"}
+    assert set(parts) == {"loss", "tversky", "boundary", "iou_mse", "bce", "logit_range"}
     assert parts["loss"] == pytest.approx(loss.item())
+
+
+def test_rootsam_loss_keeps_gradient_on_confidently_wrong_pixels() -> None:
+    """Guards the cause of untrainable corrective clicks: focal Tversky and the boundary term
+    act through sigmoid(logits), so a pixel predicted wrong with a large logit (a decoder
+    trained from scratch reaches |logit| ~ 100) gets almost no gradient from them, and a
+    click round can never correct it. The BCE term's gradient on such a pixel stays ~1/N."""
+    m = torch.as_tensor(_disk())[None, None]
+    sdm = torch.as_tensor(signed_distance_map(_disk()))[None, None]
+    n = m.numel()
+    wrong = (~m.bool()).nonzero()[0].tolist()  # a background pixel
+    grads = {}
+    for w in (0.0, 1.0):
+        logits = torch.where(m.bool(), 40.0, -40.0)
+        logits[tuple(wrong)] = 40.0  # confidently wrong
+        logits.requires_grad_(True)
+        loss, _ = rootsam_loss(logits, torch.ones(1, 1), m, sdm, LossConfig(w_bce=w, w_range=0))
+        loss.backward()
+        grads[w] = float(logits.grad[tuple(wrong)])
+    assert abs(grads[0.0]) < 1e-9
+    assert grads[1.0] == pytest.approx(1.0 / n, rel=1e-3)
 
 
 def test_metrics_iou_dice_and_meter() -> None:
