@@ -45,7 +45,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check rootflow tests jobs benchmarks
+	$(VENV)/bin/ruff check rootflow tests jobs benchmarks notebooks
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy rootflow
