@@ -15,8 +15,9 @@ What it measures, with the studio's own engines (:mod:`rootflow.studio.engines`)
   first click's mask is back, with the tiles encoded in the background beforehand (the
   studio's prefetch) and without.
 * **Forest seconds per click**: scribble retraining + re-prediction of the 512 px window.
-* **NoC@85 / NoC@90**: clicks of the simulated clicker (:func:`simulated_click`: deepest
-  pixel of the largest error region) until the root-class IoU reaches 85 / 90 %, counted as
+* **NoC@85 / NoC@90**: clicks of the simulated clicker (:func:`simulated_click`, SAM2's
+  "center" clicker: the error pixel farthest from its error region's border) until the
+  root-class IoU reaches 85 / 90 %, counted as
   ``max_clicks`` (20) when never reached, mean over images; for RootSAM refine (from an empty
   mask) and for the forest with scribble retraining (whole-image prediction after each click;
   the forest starts with one root and one background click, both counted).
@@ -274,6 +275,8 @@ def main() -> None:
                          "the click's tiles only, and the whole scan is estimated per tile)")
     ap.add_argument("--only", default="rootsam,http,forest,noc",
                     help="parts to run (comma-separated)")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch intra-op threads (1 = the studio's default, --torch-threads)")
     a = ap.parse_args()
     real = Path(a.real)
     deadline = time.monotonic() + a.max_minutes * 60
@@ -283,6 +286,7 @@ def main() -> None:
                          "its NoC numbers measure the machinery, not the model"}
     import torch
 
+    torch.set_num_threads(a.torch_threads)
     out["torch_threads"] = torch.get_num_threads()
     parts = set(a.only.split(","))
     if "rootsam" in parts:

@@ -45,6 +45,7 @@ def register(app: typer.Typer) -> None:
         allow_remote: bool = typer.Option(False, "--allow-remote", help="Allow a non-loopback --host (needs --token)."),
         token: str | None = typer.Option(None, envvar="ROOTFLOW_STUDIO_TOKEN", help="Token every request must carry (header X-Studio-Token or ?token=)."),
         prefetch: int = typer.Option(2, help="Next queue images encoded in the background (RootSAM)."),
+        torch_threads: int = typer.Option(1, help="torch intra-op threads. 1 (default) keeps a click's decoder pass at tens of ms while the background encoder runs: with 2 threads on 2 busy cores the two fight and a click took ~1 s (docs/studio.md)."),
         storage_option: list[str] = typer.Option([], "--storage-option", help="key=value: endpoint_url, region, allow_http, path_style (credentials from AWS_* env)."),
     ) -> None:
         """Serve the correction studio: fix masks with a few clicks, write annotations."""
@@ -60,6 +61,8 @@ def register(app: typer.Typer) -> None:
             raise fail(f"--port must be 1..65535, got {port}")
         if (base_checkpoint or rootsam_checkpoint) and not rootsam_config:
             raise fail("--base-checkpoint/--rootsam-checkpoint need --rootsam-config")
+        if torch_threads < 1:
+            raise fail(f"--torch-threads must be >= 1, got {torch_threads}")
         from rootflow.io._cli import log_progress_to_stderr
 
         log_progress_to_stderr()
@@ -77,7 +80,11 @@ def register(app: typer.Typer) -> None:
 
                 forest_base = load_segmenter(forest_model, kind="forest", storage_options=so)
             if rootsam_config:
+                import torch
+
                 from rootflow.inference.rootsam import RootSAMInferenceConfig, RootSAMPredictor
+
+                torch.set_num_threads(torch_threads)
 
                 predictor = RootSAMPredictor(RootSAMInferenceConfig(
                     variant=rootsam_config, base_checkpoint=base_checkpoint,
