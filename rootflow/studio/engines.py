@@ -15,8 +15,9 @@ new mask; neither writes anything. Coordinates are integer image pixels (``x`` =
   re-predicts a window around the click.
 
 :func:`simulated_click` is the clicker of the NoC metric (benchmarks/studio_bench.py), the
-RootSAM evaluation's own (:func:`rootflow.inference.prompts.next_click`): the next click goes
-to the centre of the largest error region, positive on a missed root, negative on a false one.
+RootSAM evaluation's and training's own (:func:`rootflow.inference.prompts.next_click`, SAM2's
+"center" clicker): the next click goes to the error pixel farthest from its error region's
+border (the centre of the thickest error), positive on a missed root, negative on a false one.
 """
 
 from __future__ import annotations
@@ -339,8 +340,9 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def simulated_click(pred: np.ndarray, truth: np.ndarray) -> Click | None:
     """The next click of the NoC clicker (the RootSAM issue's,
-    :func:`rootflow.inference.prompts.next_click`): the centre of the largest error region,
-    positive on a missed root, negative on a false one; as an integer pixel."""
+    :func:`rootflow.inference.prompts.next_click`, SAM2's "center" clicker): the error pixel
+    farthest from its error region's border, positive on a missed root, negative on a false
+    one; as an integer pixel."""
     from rootflow.inference.prompts import next_click
 
     got = next_click(pred, truth)
