@@ -38,6 +38,12 @@ DEMO_FOREST_SECONDS = 30.0
 
 
 def run_demo(out: str, *, n_images: int = 24, seed: int = 0, models: bool = True) -> dict[str, Any]:
+    """Synthesise an archive, run the job on it and compare each producer with the truth.
+
+    Returns what ``<out>/summary.json`` holds: ``run`` (the job's summary), ``comparison``
+    (per producer against the ground truth) and ``exit_code`` (the job's: 0, or 3 when some
+    images were rejected), which ``rootflow demo`` exits with.
+    """
     import pyarrow.parquet as pq
     from rich.console import Console
 
@@ -99,9 +105,9 @@ def run_demo(out: str, *, n_images: int = 24, seed: int = 0, models: bool = True
         console.print(f"[yellow]{RANDOM_WEIGHTS_NOTE}")
     console.print(f"done in {time.perf_counter() - t0:.0f} s. Tables: {lake}/traits, "
                   f"{lake}/runs, {lake}/rejects; query them with rootflow.lake (docs/lake.md).")
-    (root / "summary.json").write_text(json.dumps(
-        {"run": summary.to_dict(), "comparison": report}, indent=2, default=str))
-    return report
+    result = {"run": summary.to_dict(), "comparison": report, "exit_code": summary.exit_code}
+    (root / "summary.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
 
 
 def train_demo_forest(archive: Path, ground_truth: Any,

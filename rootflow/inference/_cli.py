@@ -313,7 +313,9 @@ def register(app: typer.Typer) -> None:
         """End to end on an embedded default: synthetic archive -> manifest -> Ray -> Delta -> summary."""
         from rootflow.demo import run_demo
 
-        run_demo(out, n_images=n_images, seed=seed, models=models)
+        result = run_demo(out, n_images=n_images, seed=seed, models=models)
+        if result["exit_code"]:  # the job's own exit codes (3: done with rejects; see rejects)
+            raise typer.Exit(result["exit_code"])
 
     from rootflow.inference import _cli_segment
 

@@ -36,7 +36,7 @@ def test_demo_shows_images_done_rate_and_time_left_on_a_terminal(ray_local, tmp_
 
     term = _Terminal()
     monkeypatch.setattr(sys, "stderr", term)
-    run_demo(str(tmp_path / "demo"), n_images=3, models=False)
+    result = run_demo(str(tmp_path / "demo"), n_images=3, models=False)
     monkeypatch.undo()
     text = term.getvalue()
     live = LIVE.findall(text)
@@ -47,6 +47,9 @@ def test_demo_shows_images_done_rate_and_time_left_on_a_terminal(ray_local, tmp_
     n = lake.read("traits").num_rows + (lake.read("rejects").num_rows
                                          if lake.exists("rejects") else 0)
     assert total == {n} and done == sorted(done) and done[-1] == n, live
+    # the demo answers with the job's exit code (0 all done, 3 done with rejects)
+    n_rejected = result["run"]["n_images_rejected"]
+    assert result["exit_code"] == (3 if n_rejected else 0)
     assert live[-1][4] == "0:00"
     check_commit_lines(text, images=n, rows=n, commits=1, min_lines=1)
     # Ray Data's bars would print operator names (MapBatches(...)) and tqdm's "it/s".
