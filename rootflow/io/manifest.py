@@ -480,11 +480,12 @@ def check_allowed_uris(table: pa.Table, prefixes: Sequence[str], *, source: str 
     the column, row and URI (a manifest in a bucket must not make the job read
     ``file:///etc/passwd`` or another tenant's bucket)."""
     allowed = list(prefixes)
+    ok = _storage.allowed_checker(allowed)
     for col in ("image_uri", "mask_uri"):
         if col not in table.column_names:
             continue
         for i, u in enumerate(table.column(col).to_pylist()):
-            if u is not None and not _storage.uri_allowed(u, allowed):
+            if u is not None and not ok(u):
                 raise ManifestError(
                     f"{source}: column {col!r} row {i}: {u} is outside the allowed prefixes "
                     f"{allowed} (add one with --allow-prefix)")
