@@ -58,6 +58,21 @@ def write_manifest_csv(folder: Path, path: Path) -> Path:
     return path
 
 
+def _draw_root(target: np.ndarray, rng: np.random.Generator, size: int) -> None:
+    """Draw one wandering root from the top edge into ``target`` (255), ``size``/20 to
+    ``size``/12 px wide."""
+    x, y = float(rng.uniform(0.15, 0.85) * size), 0.0
+    angle = rng.uniform(np.pi / 3, 2 * np.pi / 3)
+    thick = int(rng.integers(size // 20, size // 12 + 1))
+    pts = []
+    while 0 <= y < size and 0 <= x < size:
+        pts.append((int(x), int(y)))
+        angle += rng.normal(0, 0.1)
+        x, y = x + 4 * np.cos(angle), y + 4 * np.sin(angle)
+    if len(pts) > 1:
+        cv2.polylines(target, [np.array(pts, np.int32)], False, 255, thick)
+
+
 def thick_pair(seed: int, *, size: int = 128, n_roots: int = 2,
                decoys: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A toy view a small model can resolve (its logits are 4 px): ``n_roots`` bright roots
@@ -69,17 +84,7 @@ def thick_pair(seed: int, *, size: int = 128, n_roots: int = 2,
     mask = np.zeros((size, size), np.uint8)
     bright = np.zeros((size, size), np.uint8)
     for k in range(n_roots + decoys):
-        target = mask if k < n_roots else bright
-        x, y = float(rng.uniform(0.15, 0.85) * size), 0.0
-        angle = rng.uniform(np.pi / 3, 2 * np.pi / 3)
-        thick = int(rng.integers(size // 20, size // 12 + 1))
-        pts = []
-        while 0 <= y < size and 0 <= x < size:
-            pts.append((int(x), int(y)))
-            angle += rng.normal(0, 0.1)
-            x, y = x + 4 * np.cos(angle), y + 4 * np.sin(angle)
-        if len(pts) > 1:
-            cv2.polylines(target, [np.array(pts, np.int32)], False, 255, thick)
+        _draw_root(mask if k < n_roots else bright, rng, size)
     root = mask > 0
     shown = root | (bright > 0)
     image[shown] = np.clip(rng.normal(200, 15, (int(shown.sum()), 3)), 0, 255).astype(np.uint8)
@@ -98,16 +103,7 @@ def stub_pair(seed: int, *, size: int = 128, n_roots: int = 2, n_stubs: int = 2,
     image = rng.normal(70, 12, (size, size, 3)).clip(0, 255).astype(np.uint8)
     mask = np.zeros((size, size), np.uint8)
     for _ in range(n_roots):
-        x, y = float(rng.uniform(0.15, 0.85) * size), 0.0
-        angle = rng.uniform(np.pi / 3, 2 * np.pi / 3)
-        thick = int(rng.integers(size // 20, size // 12 + 1))
-        pts = []
-        while 0 <= y < size and 0 <= x < size:
-            pts.append((int(x), int(y)))
-            angle += rng.normal(0, 0.1)
-            x, y = x + 4 * np.cos(angle), y + 4 * np.sin(angle)
-        if len(pts) > 1:
-            cv2.polylines(mask, [np.array(pts, np.int32)], False, 255, thick)
+        _draw_root(mask, rng, size)
     shown = mask > 0
     stubs: list[tuple[np.ndarray, bool]] = []
     for _ in range(50 * n_stubs):
