@@ -20,16 +20,7 @@ def toy_pair(seed: int, *, height: int = 128, width: int = 160,
     image[..., 0] = np.clip(image[..., 0].astype(int) + 20, 0, 255)  # brownish soil
     mask = np.zeros((height, width), np.uint8)
     for _ in range(n_roots):
-        x, y = float(rng.uniform(0, width)), 0.0
-        angle = rng.uniform(np.pi / 3, 2 * np.pi / 3)
-        thick = int(rng.integers(2, 6))
-        pts = []
-        while 0 <= y < height and 0 <= x < width:
-            pts.append((int(x), int(y)))
-            angle += rng.normal(0, 0.15)
-            x, y = x + 4 * np.cos(angle), y + 4 * np.sin(angle)
-        if len(pts) > 1:
-            cv2.polylines(mask, [np.array(pts, np.int32)], False, 255, thick)
+        _draw_root(mask, rng, x_frac=(0, 1), thick_range=(2, 6), wiggle=0.15)
     root = mask > 0
     image[root] = np.clip(rng.normal(200, 15, (int(root.sum()), 3)), 0, 255).astype(np.uint8)
     return image, root
@@ -58,16 +49,20 @@ def write_manifest_csv(folder: Path, path: Path) -> Path:
     return path
 
 
-def _draw_root(target: np.ndarray, rng: np.random.Generator, size: int) -> None:
-    """Draw one wandering root from the top edge into ``target`` (255), ``size``/20 to
-    ``size``/12 px wide."""
-    x, y = float(rng.uniform(0.15, 0.85) * size), 0.0
+def _draw_root(target: np.ndarray, rng: np.random.Generator, *,
+               x_frac: tuple[float, float], thick_range: tuple[int, int],
+               wiggle: float = 0.1) -> None:
+    """Draw one wandering root from the top edge into ``target`` (255): it starts at a uniform
+    x in ``x_frac`` of the width, is ``thick_range`` (integers, high exclusive) px wide and turns by
+    N(0, ``wiggle``) radians every 4 px."""
+    height, width = target.shape[:2]
+    x, y = float(rng.uniform(*x_frac) * width), 0.0
     angle = rng.uniform(np.pi / 3, 2 * np.pi / 3)
-    thick = int(rng.integers(size // 20, size // 12 + 1))
+    thick = int(rng.integers(*thick_range))
     pts = []
-    while 0 <= y < size and 0 <= x < size:
+    while 0 <= y < height and 0 <= x < width:
         pts.append((int(x), int(y)))
-        angle += rng.normal(0, 0.1)
+        angle += rng.normal(0, wiggle)
         x, y = x + 4 * np.cos(angle), y + 4 * np.sin(angle)
     if len(pts) > 1:
         cv2.polylines(target, [np.array(pts, np.int32)], False, 255, thick)
@@ -84,7 +79,8 @@ def thick_pair(seed: int, *, size: int = 128, n_roots: int = 2,
     mask = np.zeros((size, size), np.uint8)
     bright = np.zeros((size, size), np.uint8)
     for k in range(n_roots + decoys):
-        _draw_root(mask if k < n_roots else bright, rng, size)
+        _draw_root(mask if k < n_roots else bright, rng, x_frac=(0.15, 0.85),
+                   thick_range=(size // 20, size // 12 + 1))
     root = mask > 0
     shown = root | (bright > 0)
     image[shown] = np.clip(rng.normal(200, 15, (int(shown.sum()), 3)), 0, 255).astype(np.uint8)
@@ -103,7 +99,8 @@ def stub_pair(seed: int, *, size: int = 128, n_roots: int = 2, n_stubs: int = 2,
     image = rng.normal(70, 12, (size, size, 3)).clip(0, 255).astype(np.uint8)
     mask = np.zeros((size, size), np.uint8)
     for _ in range(n_roots):
-        _draw_root(mask, rng, size)
+        _draw_root(mask, rng, x_frac=(0.15, 0.85),
+                   thick_range=(size // 20, size // 12 + 1))
     shown = mask > 0
     stubs: list[tuple[np.ndarray, bool]] = []
     for _ in range(50 * n_stubs):
