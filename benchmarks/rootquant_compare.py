@@ -15,15 +15,23 @@ same labels and steps, scored on the held-out windows (and the pre-trained model
 root is, the per-image totals are corrupted for ``--noise`` of the training images (a third
 each: scale error x U(0.5, 2), missed roots x U(0.2, 0.6), zero for an image with roots);
 loss {huber (Huber in log space + presence term, the default), mse (squared error in log
-space, no presence term)} over ``--seeds`` seeds; scored on clean held-out labels.
+space, no presence term), huber_nopres, mse_pres} over ``--seeds`` seeds (``--seed-list``:
+these; a seed sets the corruption, the initialisation, the data order and the augmentations);
+scored on clean held-out labels. ``--noise 0`` is the clean-label control.
 
 Every run: ``test_efficientnet`` + the head, the task in-process (same task code as Ray Train
 runs, one process), ``--steps`` optimiser steps of ``--batch`` images whatever the data size,
 the model of the last step scored with the inference predictor (presence threshold off, so
-R2 compares the amounts). Prints one JSON line per run and a summary.
+R2 compares the amounts). Prints one JSON line per run and a summary; ``--out FILE`` also
+appends every row to FILE as it comes (a run cut by ``timeout`` loses only itself) and
+``--curve-every K`` adds learning-curve rows (test-set scores every K steps).
 
-    nice -n 5 .venv/bin/python benchmarks/rootquant_compare.py --study heads --steps 120
-    nice -n 5 .venv/bin/python benchmarks/rootquant_compare.py --study noise --steps 120
+    nice -n 19 .venv/bin/python benchmarks/rootquant_compare.py --study noise --steps 800 \
+        --threads 1 --seed-list 0 --losses huber,huber_nopres,mse --curve-every 100 --out n.jsonl
+    nice -n 19 .venv/bin/python benchmarks/rootquant_compare.py --study heads --data synth \
+        --steps 800 --threads 1 --out heads.jsonl
+
+120 steps is too few: every run then still predicts ~0 (docs/rootquant.md, Numbers).
 """
 
 from __future__ import annotations
@@ -39,8 +47,60 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.rootquant_finetune import run_in_process  # noqa: E402
 from benchmarks.rootquant_synth import make_archive, score_table  # noqa: E402
+
+#: ``--out``: every result row (and every learning-curve point) is appended here as it comes,
+#: so a run cut by ``timeout`` loses only the run in progress.
+OUT: pathlib.Path | None = None
+
+
+def emit(row: dict) -> None:  # type: ignore[type-arg]
+    print(json.dumps(row), flush=True)
+    if OUT is not None:
+        with OUT.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def drive(cfg, *, epochs: int, export_uri: str, seed: int, test=None,  # type: ignore[no-untyped-def]
+          curve_every: int = 0, tag: str = "") -> None:
+    """The loop's task protocol on this process (no Ray Train): ``seed`` seeds torch, numpy,
+    random and the data order/augmentations (the loop's ``run.seed``), so seeds differ in
+    initialisation and data order, not only in the labels. With ``curve_every`` > 0 the model
+    is scored on ``test`` at the end of every epoch that crosses a multiple of that many steps
+    (a learning curve; the cosine schedule is the full run's, so a point is not a shorter run)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from rootflow.training.loop import LoopContext, TrainRunConfig
+    from rootflow.training.rootquant_task import RootQuantTask
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    ctx = LoopContext(world_rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
+                      run=TrainRunConfig(epochs=epochs, seed=seed))
+    ctx.best = {}
+    task = RootQuantTask(cfg)
+    task.setup(ctx)
+    per = cfg.optim.steps_per_epoch or math.ceil(task.train_labels.num_rows / cfg.optim.batch_images)
+    done, t0 = 0, time.perf_counter()
+    for e in range(epochs):
+        last = task.train_epoch(e)
+        before, done = done, done + per
+        if curve_every and test is not None and (done // curve_every > before // curve_every
+                                                 or e == epochs - 1):
+            task.export(export_uri)
+            r = score(export_uri, test)
+            emit({"curve": tag, "step": done, "epoch": e + 1,
+                  "wall_s": round(time.perf_counter() - t0, 1),
+                  "train_loss": round(float(last.get("loss", float("nan"))), 4),
+                  **{k: round(v, 4) for k, v in r.items() if k in CURVE_KEYS}})
+    task.export(export_uri)
+
+
+CURVE_KEYS = ("length_r2", "area_r2", "length_bias", "presence_accuracy")
 
 
 def score(uri: str, table, *, threshold: float | None = None) -> dict[str, float]:  # type: ignore[no-untyped-def]
@@ -99,15 +159,14 @@ def corrupt(table, share: float, seed: int):  # type: ignore[no-untyped-def]
 def one_run(train, test, *, head: str, masks: bool, mm_per_px: float, tile_px: int,  # type: ignore[no-untyped-def]
             steps: int, batch: int, lr: float, tmp: pathlib.Path, tag: str,
             huber_delta: float = 1.0, presence_weight: float = 1.0, seed: int = 0,
-            init_from: str | None = None, keep: str | None = None) -> dict[str, float]:
+            init_from: str | None = None, keep: str | None = None,
+            curve_every: int = 0) -> dict[str, float]:
     import pyarrow.parquet as pq
-    import torch
 
     from rootflow.models.rootquant import RootQuantConfig
     from rootflow.training import labels as L
     from rootflow.training import rootquant_task as rqt
 
-    torch.manual_seed(seed)
     pq.write_table(train, tmp / f"{tag}-train.parquet")
     pq.write_table(test[:4], tmp / f"{tag}-val.parquet")  # the loop wants one; scoring is below
     per_epoch = max(1, math.ceil(train.num_rows / batch))
@@ -126,10 +185,12 @@ def one_run(train, test, *, head: str, masks: bool, mm_per_px: float, tile_px: i
                                        steps_per_epoch=min(per_epoch, math.ceil(steps / epochs))))
     t0 = time.perf_counter()
     uri = keep or str(tmp / f"{tag}.pt")
-    run_in_process(cfg, epochs=epochs, export_uri=uri)
+    drive(cfg, epochs=epochs, export_uri=uri, seed=seed, test=test, curve_every=curve_every,
+          tag=tag)
     train_s = time.perf_counter() - t0
     r = score(uri, test)
-    return {"train_s": round(train_s, 1), **{k: round(v, 4) for k, v in r.items()}}
+    return {"steps_run": epochs * cfg.optim.steps_per_epoch, "train_s": round(train_s, 1),
+            **{k: round(v, 4) for k, v in r.items()}}
 
 
 def main() -> None:
@@ -150,8 +211,17 @@ def main() -> None:
     ap.add_argument("--noise", type=float, default=0.3)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--seed-list", default=None, help="noise: these seeds (else 0..seeds-1)")
-    ap.add_argument("--losses", default="huber,mse", help="noise: which losses")
+    ap.add_argument("--losses", default="huber,mse",
+                    help="noise: which losses (huber, mse, huber_nopres, mse_pres)")
+    ap.add_argument("--out", default=None, help="append every row (JSON lines) to this file")
+    ap.add_argument("--curve-every", type=int, default=0,
+                    help="score on the test set every this many steps (learning curve rows)")
     args = ap.parse_args()
+    bad = set(args.losses.split(",")) - {"huber", "mse", "huber_nopres", "mse_pres"}
+    if bad:
+        ap.error(f"--losses: unknown {sorted(bad)} (huber, mse, huber_nopres, mse_pres)")
+    global OUT
+    OUT = pathlib.Path(args.out) if args.out else None
 
     import torch
 
@@ -174,12 +244,12 @@ def main() -> None:
                     r = one_run(train, test, head=head, masks=labels == "masks",
                                 mm_per_px=scale["mm_per_px"], tile_px=scale["tile_px"],
                                 steps=args.steps, batch=scale["batch"], lr=args.lr, tmp=tmp,
-                                tag=tag)
+                                tag=tag, curve_every=args.curve_every)
                     row = {"data": data, "labels": labels, "head": head,
                            "n_train": train.num_rows, "n_test": test.num_rows,
                            "steps": args.steps, **r}
                     results.append(row)
-                    print(json.dumps(row), flush=True)
+                    emit(row)
     elif args.study == "recipe":
         # image-level labels on real frames: synth pre-training (masks, at the real frames'
         # scale) then fine-tuning on per-image length/area only; vs the same from scratch.
@@ -191,7 +261,7 @@ def main() -> None:
             r = one_run(synth_train, train[:8], head="dense", masks=True, mm_per_px=mm,
                         tile_px=64, steps=args.steps, batch=args.batch, lr=args.lr, tmp=tmp,
                         tag="pretrain", keep=pre)
-            print(json.dumps({"pretrain": pre, **r}), flush=True)
+            emit({"pretrain": pre, **r})
         for name, init in (("peanut zero-shot", None), ("finetune", pre), ("scratch", None)):
             if name == "peanut zero-shot":
                 r = {k: round(v, 4) for k, v in score(pre, test).items()}
@@ -202,12 +272,15 @@ def main() -> None:
             row = {"run": name, "n_train": train.num_rows, "n_test": test.num_rows,
                    "labels": "image", "steps": args.steps, **r}
             results.append(row)
-            print(json.dumps(row), flush=True)
+            emit(row)
     else:
         train, test = synth_sets(work, args.n_train, args.n_test)
         seeds = ([int(x) for x in args.seed_list.split(",")] if args.seed_list
                  else list(range(args.seeds)))
-        losses = {"huber": (1.0, 1.0), "mse": (1e6, 0.0)}
+        # (huber_delta, presence_weight): delta 1e6 makes the Huber terms squared error; the
+        # presence weight switches the image and cell presence BCE terms on or off.
+        losses = {"huber": (1.0, 1.0), "mse": (1e6, 0.0), "huber_nopres": (1.0, 0.0),
+                  "mse_pres": (1e6, 1.0)}
         for seed in seeds:
             noisy = corrupt(train, args.noise, seed)
             for loss in args.losses.split(","):
@@ -215,11 +288,11 @@ def main() -> None:
                 r = one_run(noisy, test, head="dense", masks=True, mm_per_px=0.2, tile_px=64,
                             steps=args.steps, batch=args.batch, lr=args.lr, tmp=tmp,
                             tag=f"noise-{seed}-{loss}", huber_delta=delta,
-                            presence_weight=pw, seed=seed)
+                            presence_weight=pw, seed=seed, curve_every=args.curve_every)
                 row = {"loss": loss, "seed": seed, "noise": args.noise, "steps": args.steps,
                        **r}
                 results.append(row)
-                print(json.dumps(row), flush=True)
+                emit(row)
     print(json.dumps({"benchmark": "rootquant_compare", "study": args.study,
                       "results": results}), flush=True)
 
