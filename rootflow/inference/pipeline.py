@@ -249,6 +249,22 @@ class InferConfig:
         for p in SEGMENTERS:
             if p in self.producers:
                 segmenter_config(self, p)  # a missing model URI or a bad key fails here
+        prior = rootsam_prior(self)
+        if prior is not None and prior not in self.producers:
+            raise ValueError(f"rootsam.prior={prior} needs the {prior} producer in the same "
+                             f"run: add {prior} to --producers (with its model)")
+
+
+def rootsam_prior(cfg: InferConfig) -> str | None:
+    """The producer whose mask labels RootSAM's points in this run (``rootsam.prior``), or
+    None (no RootSAM, or no prior). Raises ValueError for a producer that cannot be one."""
+    if "rootsam" not in cfg.producers or cfg.rootsam.get("prior") is None:
+        return None
+    prior = str(cfg.rootsam["prior"])
+    if prior not in SEGMENTERS:
+        raise ValueError(f"rootsam.prior must be one of {list(SEGMENTERS)} (or unset), "
+                         f"got {prior!r}")
+    return prior
 
 
 #: Exit codes, the same for every command and job (``rootflow infer``/``reprocess``/``demo``,
@@ -386,8 +402,13 @@ def resolve_model_versions(cfg: InferConfig, storage: StorageLike = None) -> dic
         from rootflow.inference.rootsam import model_version
 
         rs = rootsam_config(cfg)
+        # An unset prior stays out of the hash: versions made before the setting existed
+        # keep their hash, and their images are not re-processed.
+        skip = RUNTIME_ONLY["rootsam"] | ({"prior"} if rs.prior is None else frozenset())
         versions["rootsam"] = (f"{model_version(rs, storage_options=so)}"
-                               f"~{settings_hash(rs, RUNTIME_ONLY['rootsam'])}")
+                               f"~{settings_hash(rs, skip)}")
+        if rs.prior is not None:  # a new forest/U-Net changes RootSAM's masks
+            versions["rootsam"] += prior_suffix(rs.prior, versions[rs.prior])
     if "rootquant" in cfg.producers:
         from rootflow.inference.rootquant import model_version as rq_version
 
@@ -396,6 +417,18 @@ def resolve_model_versions(cfg: InferConfig, storage: StorageLike = None) -> dic
         versions["rootquant"] = (f"{rq_version(rq, storage_options=so)}"
                                  f"~{settings_hash(rq, skip)}")
     return versions
+
+
+def prior_suffix(prior: str, prior_version: str) -> str:
+    """``+prior-<producer>@<12 hex>`` appended to RootSAM's version when a prior labels its
+    points: the 12 hex are the prior's own digest (``forest-<12 hex>``) or, for any other
+    version string, the sha256 of it; masks made with different priors, or none, never share
+    a version."""
+    import re
+
+    m = re.fullmatch(r"[a-z]+-([0-9a-f]{12,})", prior_version)
+    tag = m[1][:12] if m else hashlib.sha256(prior_version.encode()).hexdigest()[:12]
+    return f"+prior-{prior}@{tag}"
 
 
 #: Settings that do not change a model's output (where its weights are, how they are checked,
@@ -445,6 +478,10 @@ def build_dataset(rows: pa.Table, *, cfg: InferConfig, lake_uri: str, run_id: st
     elif not res.decode_in_actor:  # the former layout: pixels cross nodes to the actor
         ds = ds.map_batches(stages.decode, batch_format="numpy", batch_size=res.block_rows,
                             num_cpus=res.decode_num_cpus)
+    # RootSAM's prior (rootsam.prior) runs wherever RootSAM does, in an earlier stage of the
+    # chain (segmenters come first in ``specs``), so its mask travels in the same batch.
+    prior = rootsam_prior(cfg)
+    priors = {"rootsam": prior} if prior else {}
     groups = [specs] if res.fuse_models else [[s] for s in specs]
     groups = [g for g in groups if g]
     for k, group in enumerate(groups):
@@ -454,7 +491,8 @@ def build_dataset(rows: pa.Table, *, cfg: InferConfig, lake_uri: str, run_id: st
                                    "producers": cfg.producers,
                                    "decode_first": k == 0 and res.decode_in_actor,
                                    "drop_image": k == len(groups) - 1 and res.decode_in_actor,
-                                   "memory_limit_mb": res.actor_memory_mb},
+                                   "memory_limit_mb": res.actor_memory_mb,
+                                   "priors": priors},
             compute=ray.data.ActorPoolStrategy(
                 min_size=res.model_actors[0], max_size=res.model_actors[1],
                 initial_size=min(res.model_actors[1], max(res.model_actors[0],

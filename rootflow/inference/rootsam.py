@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from rootflow.inference.prompts import PromptPolicy, paint_clicks
-from rootflow.inference.stages import _errors, _objects
+from rootflow.inference.stages import _errors, _objects, _opt
 from rootflow.inference.tiling import BlendKind, Stitcher, TileGrid, extract_tiles, make_grid
 from rootflow.io import storage
 from rootflow.io.images import encode_png, to_rgb8
@@ -95,6 +95,10 @@ class RootSAMInferenceConfig:
             ``config``: use those fields (the explicit override, e.g. ``--set
             policy_source=config --set prompt_mode=lattice``). A checkpoint without a recorded
             policy, or no checkpoint, always uses the fields.
+        prior: producer whose mask labels the policy's points instead of the prompt-free
+            pass (``forest`` or ``unet``; None = no prior). In the processing job that
+            producer runs on every image RootSAM runs on, in the same actor chain
+            (``--set rootsam.prior=forest``; docs/rootsam.md, "Priors from the segmenters").
     """
 
     variant: str = "hiera_base_plus"
@@ -119,6 +123,16 @@ class RootSAMInferenceConfig:
     seed: int = 0
     embedding_cache_tiles: int = 64
     policy_source: Literal["checkpoint", "config"] = "checkpoint"
+    prior: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.prior is not None and self.prior not in PRIOR_PRODUCERS:
+            raise ValueError(f"rootsam.prior must be one of {list(PRIOR_PRODUCERS)} (or unset), "
+                             f"got {self.prior!r}")
+
+
+#: Producers whose mask can serve as RootSAM's prior (``RootSAMInferenceConfig.prior``).
+PRIOR_PRODUCERS = ("forest", "unet")
 
 
 @dataclasses.dataclass
@@ -399,12 +413,20 @@ class RootSAMPredictor:
                 ious[i].extend(tile_ious)
                 prompts[i][k] = (pts, labs)
         out = []
-        for p, st, iou, pr in zip(prepared, stitchers, ious, prompts, strict=True):
+        for p, st, iou, pr, pt in zip(prepared, stitchers, ious, prompts, prior_tiles,
+                                      strict=True):
             full = st.result()
+            params = self.params
+            if pt is not None:  # how many of the policy's points the prior labelled, and how
+                tile_labels = [lab for _, lab in pr.values()]  # many of them as root
+                params = {**params,
+                          "prior_points": int(sum(int((lab >= 0).sum()) for lab in tile_labels)),
+                          "prior_positive": int(sum(int((lab == 1).sum())
+                                                    for lab in tile_labels))}
             out.append(RootSAMResult(
                 mask=full > self.config.mask_threshold,
                 confidence=float(np.mean(iou)) if iou else 0.0,
-                version=self.version, params=self.params, n_tiles=len(p.grid),
+                version=self.version, params=params, n_tiles=len(p.grid),
                 n_masks=len(iou), logits=full if return_logits else None,
                 tile_prompts=pr if return_logits else None))
         return out
@@ -641,6 +663,13 @@ class RootSAMStage:
     (PNG bytes, 0/255, full size), ``rootsam_confidence`` (float64), ``rootsam_model_version``
     and ``rootsam_params`` (JSON). Rows whose ``error`` is set pass through; a row that fails
     here gets ``error = "rootsam: <Type>: <msg>"`` and null outputs, and never fails the batch.
+
+    With ``config.prior`` (``forest``/``unet``) each row's ``<prior>_mask_png`` (made by that
+    producer's stage earlier in the same actor chain) labels the policy's points; a row whose
+    prior failed or is missing gets ``error = "rootsam: prior <name> failed: <reason>"``, never
+    a silent prompt-free mask. ``rootsam_params`` then also records ``prior``,
+    ``prior_version`` (the version the prior's stage reported), ``prior_points`` and
+    ``prior_positive`` (the policy's points the prior labelled, and those labelled root).
     """
 
     def __init__(self, config: RootSAMInferenceConfig | Mapping[str, Any] | None = None, *,
@@ -666,16 +695,31 @@ class RootSAMStage:
         versions: list[str | None] = [None] * n
         params: list[str | None] = [None] * n
         todo = [i for i in range(n) if errors[i] is None]
+        prior = self.predictor.config.prior
+        priors: dict[int, np.ndarray] = {}
+        prior_versions: dict[int, str] = {}
+        if prior:
+            for i in todo:
+                try:
+                    priors[i], prior_versions[i] = _prior_of_row(batch, i, prior)
+                except Exception as e:
+                    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    errors[i] = f"{STAGE}: prior {prior} failed: {msg}"[:500]
+            todo = [i for i in todo if i in priors]
+
+        def run(rows: list[int]) -> list[RootSAMResult]:
+            return self.predictor.predict([images[i] for i in rows],
+                                          priors=[priors[i] for i in rows] if prior else None)
+
         images = batch["image"]
         results: dict[int, RootSAMResult | BaseException] = {}
         try:
-            for i, res in zip(todo, self.predictor.predict([images[i] for i in todo]),
-                              strict=True):
+            for i, res in zip(todo, run(todo), strict=True):
                 results[i] = res
         except Exception:  # isolate the bad row(s): one at a time
             for i in todo:
                 try:
-                    results[i] = self.predictor.predict([images[i]])[0]
+                    results[i] = run([i])[0]
                 except Exception as e:
                     results[i] = e
         for i, got in results.items():
@@ -690,7 +734,9 @@ class RootSAMStage:
                 continue
             conf[i] = r.confidence
             versions[i] = r.version
-            params[i] = self._params
+            params[i] = self._params if not prior else json.dumps(
+                {**r.params, "prior": prior, "prior_version": prior_versions[i]},
+                sort_keys=True)
         out = dict(batch)
         out["error"] = _objects(errors)
         out["rootsam_mask_png"] = _objects(masks)
@@ -698,3 +744,17 @@ class RootSAMStage:
         out["rootsam_model_version"] = _objects(versions)
         out["rootsam_params"] = _objects(params)
         return out
+
+
+def _prior_of_row(batch: dict[str, np.ndarray], i: int, prior: str) -> tuple[np.ndarray, str]:
+    """Row ``i``'s prior mask (bool, image size) and the version its stage reported; raises
+    with the reason when the prior's stage failed on the row or did not run on it."""
+    from rootflow.io.images import decode_mask
+
+    err = _opt(batch, f"{prior}_error", i)
+    if err:
+        raise ValueError(str(err))
+    png = _opt(batch, f"{prior}_mask_png", i)
+    if png is None:
+        raise ValueError(f"no {prior} mask for this image (the {prior} stage did not run on it)")
+    return decode_mask(png), str(_opt(batch, f"{prior}_model_version", i) or "")

@@ -91,6 +91,15 @@ def todo(batch: Batch, i: int, producers: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(p for p in producers if p in wanted)
 
 
+def to_run(batch: Batch, i: int, producers: tuple[str, ...],
+           priors: dict[str, str] | None = None) -> set[str]:
+    """Producers whose model runs on row ``i``: its :func:`todo`, plus the prior producer of
+    each of them (``priors``: ``{consumer: prior}``), whose mask the consumer needs in-stream
+    even when the lake already holds the prior's row for the image."""
+    row = todo(batch, i, producers)
+    return set(row) | {priors[p] for p in row if priors and p in priors}
+
+
 #: Type of every object column that travels between stages. Arrow infers a block's types from
 #: its values, so an optional column that is all-None in one block and bytes in the next would
 #: not unify; "missing" is therefore an *empty value of the column's type* ("" / b"" / an empty
@@ -120,7 +129,8 @@ def normalize(batch: Batch) -> Batch:
     """Give every known column one Arrow-stable type (see :data:`COLUMN_KINDS`)."""
     for col, values in list(batch.items()):
         empty = COLUMN_KINDS.get(col)
-        if empty is None and values.dtype == object:
+        # (a float column a stage ran on no row of is all None: not a string column)
+        if empty is None and values.dtype == object and col not in _FLOAT_COLUMNS:
             # A column a stage added that we do not know: strings (or nothing at all) make a
             # string column, bytes a bytes column; anything else is left to Ray.
             present = [v for v in values if not _is_missing(v)]
@@ -583,17 +593,23 @@ class ModelActor:
         memory_limit_mb: cap on the memory this actor may take beyond its loaded models
             (:func:`limit_memory`); an image whose decode or model work needs more is
             rejected ``"<stage>: out of memory: ..."`` and the actor goes on. None: no cap.
+        priors: ``{consumer: prior producer}`` (``{"rootsam": "forest"}``): the prior's stage
+            also runs on every row whose ``todo`` names the consumer (:func:`to_run`), even
+            when the row's own ``todo`` leaves the prior out; such a prior-only output feeds
+            the consumer and is never recorded (traits and records follow ``todo`` alone).
     """
 
     def __init__(self, stages: list[tuple[str, Callable[..., Any], Any]],
                  storage_options: dict[str, Any] | None = None,
                  producers: tuple[str, ...] | None = None, decode_first: bool = False,
-                 drop_image: bool = False, memory_limit_mb: int | None = None) -> None:
+                 drop_image: bool = False, memory_limit_mb: int | None = None,
+                 priors: dict[str, str] | None = None) -> None:
         worker_logging()
         t0 = time.perf_counter()
         self.stages = [(name, factory(cfg, storage_options=storage_options))
                        for name, factory, cfg in stages]
         self.producers = producers or tuple(name for name, _, _ in stages)
+        self.priors = dict(priors or {})
         self.decode_first = decode_first
         self.drop_image = drop_image
         self.ident = _actor_identity()
@@ -611,10 +627,10 @@ class ModelActor:
             batch = decode(batch)
         n = _n(batch)
         for name, stage in self.stages:
-            # Only rows whose ``todo`` names this producer run it (the others already have a
-            # row for this producer and version in the lake).
-            want = np.asarray([name in todo(batch, i, self.producers) for i in range(n)],
-                              dtype=bool)
+            # Only rows whose ``todo`` names this producer (or a producer it is the prior of)
+            # run it; the others already have a row for this producer and version in the lake.
+            want = np.asarray([name in to_run(batch, i, self.producers, self.priors)
+                               for i in range(n)], dtype=bool)
             if want.all():
                 batch = run_guarded(name, stage, batch)
             else:
