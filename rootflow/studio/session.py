@@ -116,18 +116,17 @@ class ImageSession:
 
     def do_undo(self) -> _Snapshot | None:
         """Step back; returns the snapshot restored (None when there is nothing to undo)."""
-        if not self.undo:
-            return None
-        self.redo.append(self._snapshot(self.forest_seen))
-        s = self.undo.pop()
-        self._restore(s)
-        return s
+        return self._step(self.undo, self.redo)
 
     def do_redo(self) -> _Snapshot | None:
-        if not self.redo:
+        return self._step(self.redo, self.undo)
+
+    def _step(self, src: list[_Snapshot], dst: list[_Snapshot]) -> _Snapshot | None:
+        """Restore the last snapshot of ``src``, saving the current state on ``dst``."""
+        if not src:
             return None
-        self.undo.append(self._snapshot(self.forest_seen))
-        s = self.redo.pop()
+        dst.append(self._snapshot(self.forest_seen))
+        s = src.pop()
         self._restore(s)
         return s
 
