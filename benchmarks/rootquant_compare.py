@@ -6,10 +6,21 @@
 data {synth (train seed 1, held-out test seed 1001, other scenes), peanut (PRMI peanut, one
 split grouped by window: the test windows are never seen)}.
 
-``--study recipe`` (image-level labels on real frames): a dense model pre-trained on the synth
-archive *with masks* at the peanut frames' scale, then fine-tuned on the peanut training
-windows' per-image length/area only, against the same network trained from scratch on the
-same labels and steps, scored on the held-out windows (and the pre-trained model as is).
+``--study recipe`` (image-level labels on real frames, grouped 5-fold CV over PRMI peanut
+windows, the folds of ``benchmarks/segmenters_cv.py``): a dense model pre-trained with masks on
+a synth ``sand`` archive (the look modelled on these frames) at the frames' own size and root
+width in pixels, then per fold fine-tuned on the other folds' per-image length/area only
+(``finetune``, backbone at lr/10), against the same network trained from scratch on the same
+labels and steps (``scratch``) and the pre-trained model as is (``zeroshot``). Every held-out
+prediction is written, so ``--summarize FILE[,FILE]`` pools the out-of-fold predictions of all
+65 frames and prints them beside the segment-then-measure references (forest / U-Net
+out-of-fold masks through the traits code, same folds):
+
+    ROOTFLOW_REAL_DATA=../shared/data/real nice .venv/bin/python benchmarks/rootquant_compare.py \
+        --study recipe --runs zeroshot,finetune --steps 800 --batch 4 --threads 1 --out a.jsonl
+    ... --study recipe --runs scratch --steps 800 --batch 4 --threads 1 --out b.jsonl
+    python benchmarks/segmenters_cv.py --models forest --forest-no-autocontext --sets prmi_peanut
+    ... --study recipe --summarize a.jsonl,b.jsonl
 
 ``--study noise`` (the seed's central claim, measured): synth archive, masks give where the
 root is, the per-image totals are corrupted for ``--noise`` of the training images (a third
@@ -103,9 +114,11 @@ def drive(cfg, *, epochs: int, export_uri: str, seed: int, test=None,  # type: i
 CURVE_KEYS = ("length_r2", "area_r2", "length_bias", "presence_accuracy")
 
 
-def score(uri: str, table, *, threshold: float | None = None) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    """Length/area R2 etc. of a checkpoint on a label table, through the inference predictor."""
-    return score_table(uri, table, presence_threshold=threshold)
+def score(uri: str, table, *, threshold: float | None = None,  # type: ignore[no-untyped-def]
+          preds: list | None = None) -> dict[str, float]:  # type: ignore[type-arg]
+    """Length/area R2 etc. of a checkpoint on a label table, through the inference predictor;
+    ``preds`` (a list) receives one ``[image_uri, length_mm, area_mm2]`` per row."""
+    return score_table(uri, table, presence_threshold=threshold, preds=preds)
 
 
 def synth_sets(work: pathlib.Path, n_train: int, n_test: int):  # type: ignore[no-untyped-def]
@@ -160,7 +173,8 @@ def one_run(train, test, *, head: str, masks: bool, mm_per_px: float, tile_px: i
             steps: int, batch: int, lr: float, tmp: pathlib.Path, tag: str,
             huber_delta: float = 1.0, presence_weight: float = 1.0, seed: int = 0,
             init_from: str | None = None, keep: str | None = None,
-            curve_every: int = 0) -> dict[str, float]:
+            curve_every: int = 0, backbone_lr: float | None = None,
+            preds: list | None = None) -> dict[str, float]:  # type: ignore[type-arg]
     import pyarrow.parquet as pq
 
     from rootflow.models.rootquant import RootQuantConfig
@@ -180,7 +194,8 @@ def one_run(train, test, *, head: str, masks: bool, mm_per_px: float, tile_px: i
                                      val_uri=str(tmp / f"{tag}-val.parquet"),
                                      tile_labels=masks),
         loss=rqt.RootQuantLossConfig(huber_delta=huber_delta, presence_weight=presence_weight),
-        optim=rqt.RootQuantOptimConfig(batch_images=batch, lr=lr, warmup_epochs=0,
+        optim=rqt.RootQuantOptimConfig(batch_images=batch, lr=lr, backbone_lr=backbone_lr,
+                                       warmup_epochs=0,
                                        precise_bn_images=64, tile_batch=128,
                                        steps_per_epoch=min(per_epoch, math.ceil(steps / epochs))))
     t0 = time.perf_counter()
@@ -188,9 +203,146 @@ def one_run(train, test, *, head: str, masks: bool, mm_per_px: float, tile_px: i
     drive(cfg, epochs=epochs, export_uri=uri, seed=seed, test=test, curve_every=curve_every,
           tag=tag)
     train_s = time.perf_counter() - t0
-    r = score(uri, test)
+    r = score(uri, test, preds=preds)
     return {"steps_run": epochs * cfg.optim.steps_per_epoch, "train_s": round(train_s, 1),
             **{k: round(v, 4) for k, v in r.items()}}
+
+
+def peanut_table(root: str, dpi: float):  # type: ignore[no-untyped-def]
+    """Every PRMI peanut frame with length/area labels computed from its human mask."""
+    import pyarrow as pa
+
+    from rootflow.training import labels as L
+
+    folder = pathlib.Path(root) / "prmi_peanut"
+    rows = []
+    for m in sorted(p for p in folder.iterdir() if p.name.endswith("_mask.png")):
+        stem = m.name[: -len("_mask.png")]
+        img = next(p for p in folder.iterdir() if p.stem == stem and p != m)
+        rows.append({"image_uri": str(img), "mask_uri": str(m), "dpi": dpi})
+    return L.from_masks(pa.Table.from_pylist(rows))
+
+
+def recipe_folds(table, k: int, seed: int = 0):  # type: ignore[no-untyped-def]
+    """Fold of every row: whole windows per fold, the very folds of
+    ``benchmarks/segmenters_cv.py`` (same helper, grouping, k and seed), so the
+    segment-then-measure references score the same held-out frames."""
+    from rootflow.training import splits
+
+    keys = splits.group_keys(table, by=splits.resolve_by(table))  # type: ignore[arg-type]
+    return splits.grouped_folds(keys, k=k, seed=seed)
+
+
+#: the recipe's pre-training archive: the ``sand`` look (modelled on these BTC-100 peanut
+#: frames, rootflow/synth/looks.py) at the frames' own size and the dpi assumed for them.
+PEANUT_DPI, PEANUT_HW = 300.0, (552, 736)
+
+
+def recipe(args, work: pathlib.Path, tmp: pathlib.Path) -> list[dict]:  # type: ignore[no-untyped-def,type-arg]
+    """Image-level labels on real frames, grouped k-fold over PRMI peanut windows.
+
+    ``pretrain``: dense head, synth ``sand`` archive at the frames' size, masks (per-cell labels).
+    Per fold, trained on the other folds' frames with per-image length/area only:
+    ``finetune`` (from ``pretrain``, backbone at lr/10) and ``scratch`` (same network, random
+    init, same steps and lr); ``zeroshot`` is ``pretrain`` as is. Every held-out prediction is
+    emitted, so :func:`summarize` pools the out-of-fold predictions of all 65 frames (runs may
+    be split over processes with ``--fold-list``/``--runs``).
+    """
+    import numpy as np
+
+    table = peanut_table(args.root, PEANUT_DPI)
+    folds = recipe_folds(table, args.folds)
+    mm = 25.4 / PEANUT_DPI / args.scale
+    rows = []
+    pre = str(work / f"pretrain-sand-{PEANUT_HW[0]}x{PEANUT_HW[1]}-{mm:.3f}-{args.n_train}-"
+                     f"{args.pretrain_steps}.pt")
+    runs = args.runs.split(",")
+    if any(r in runs for r in ("finetune", "zeroshot")) and not pathlib.Path(pre).exists():
+        synth = make_archive(work / f"train-sand-1-{args.n_train}-{PEANUT_HW[1]}",
+                             n=args.n_train, seed=1, look="sand", workers=1,
+                             height=PEANUT_HW[0], width=PEANUT_HW[1], dpi=PEANUT_DPI)
+        from rootflow.training import labels as L
+
+        synth_lab = L.read_labels(str(synth), columns=L.LabelColumns(
+            image="image_uri", length="length_mm", area="projected_area_mm2", dpi="dpi",
+            mask="mask_uri"))
+        r = one_run(synth_lab, table, head="dense", masks=True, mm_per_px=mm, tile_px=64,
+                    steps=args.pretrain_steps, batch=args.batch, lr=args.lr, tmp=tmp,
+                    tag="pretrain", keep=pre)
+        emit({"pretrain": pre, "look": "sand", "n_train": synth_lab.num_rows,
+              "steps": args.pretrain_steps, "note": "scored on all peanut frames", **r})
+    fold_list = ([int(x) for x in args.fold_list.split(",")] if args.fold_list
+                 else list(range(args.folds)))
+    if "zeroshot" in runs:
+        preds: list = []  # type: ignore[type-arg]
+        score(pre, table, preds=preds)
+        row = {"recipe": "zeroshot", "fold": -1, "preds": preds}
+        rows.append(row)
+        emit(row)
+    for fold in fold_list:
+        idx = np.arange(table.num_rows)
+        train = table.take(idx[folds != fold])
+        test = table.take(idx[folds == fold])
+        for name in ("scratch", "finetune"):
+            if name not in runs:
+                continue
+            preds = []
+            r = one_run(train, test, head="dense", masks=False, mm_per_px=mm, tile_px=64,
+                        steps=args.steps, batch=args.batch, lr=args.lr, tmp=tmp,
+                        tag=f"recipe-{name}-{fold}", seed=args.seed,
+                        init_from=pre if name == "finetune" else None,
+                        backbone_lr=args.lr / 10 if name == "finetune" else None,
+                        preds=preds)
+            row = {"recipe": name, "fold": fold, "n_train": train.num_rows,
+                   "n_test": test.num_rows, "steps": args.steps, "labels": "image",
+                   **r, "preds": preds}
+            rows.append(row)
+            emit(row)
+    return rows
+
+
+def summarize(rows: list[dict], root: str, segmenters: str | None) -> list[dict]:  # type: ignore[type-arg]
+    """Pool the recipe's out-of-fold predictions per run and score them on all frames, with the
+    segment-then-measure references (``benchmarks/segmenters_cv.py`` out-of-fold masks through
+    the traits code, same folds) where ``segmenters`` points at that benchmark's work folder."""
+    from rootflow.evaluation import metrics as rm
+
+    table = peanut_table(root, PEANUT_DPI)
+    truth = dict(zip(table["image_uri"].to_pylist(), zip(table["length_mm"].to_pylist(),
+                                                         table["area_mm2"].to_pylist(),
+                                                         strict=True), strict=True))
+    pooled: dict[str, dict[str, tuple[float, float]]] = {}
+    folds: dict[str, set[int]] = {}
+    for r in rows:
+        if "recipe" in r:
+            pooled.setdefault(r["recipe"], {}).update(
+                {u: (a, b) for u, a, b in r["preds"]})
+            folds.setdefault(r["recipe"], set()).add(r["fold"])
+    out = []
+    for name, got in pooled.items():
+        uris = [u for u in truth if u in got]
+        pl = [got[u][0] for u in uris]
+        tl = [truth[u][0] for u in uris]
+        pa_ = [got[u][1] for u in uris]
+        ta = [truth[u][1] for u in uris]
+        out.append({"summary": name, "frames": len(uris), "of": len(truth),
+                    "folds": sorted(folds[name]),
+                    "length_r2": round(rm.r2(pl, tl), 3),
+                    "length_pearson_r2": round(rm.pearson_r2(pl, tl), 3),
+                    "length_bias_pct": round(rm.bias_pct(pl, tl), 1),
+                    "area_r2": round(rm.r2(pa_, ta), 3),
+                    "area_pearson_r2": round(rm.pearson_r2(pa_, ta), 3)})
+    if segmenters:
+        for model in ("forest", "unet"):
+            f = pathlib.Path(segmenters) / "prmi_peanut" / model / "summary.json"
+            if f.exists():
+                s = json.loads(f.read_text())
+                keep = ("length_r2", "length_pearson_r2", "length_bias_pct", "area_r2")
+                out.append({"summary": f"segment-then-measure ({model})", "source": str(f),
+                            **{k: s.get(k, s.get("metrics", {}).get(k)) for k in keep}})
+    for o in out:
+        print(json.dumps(o), flush=True)
+    return out
 
 
 def main() -> None:
@@ -214,6 +366,20 @@ def main() -> None:
     ap.add_argument("--losses", default="huber,mse",
                     help="noise: which losses (huber, mse, huber_nopres, mse_pres)")
     ap.add_argument("--out", default=None, help="append every row (JSON lines) to this file")
+    ap.add_argument("--folds", type=int, default=5, help="recipe: grouped folds (by window)")
+    ap.add_argument("--fold-list", default=None, help="recipe: only these folds (e.g. 0,1)")
+    ap.add_argument("--runs", default="zeroshot,scratch,finetune",
+                    help="recipe: which of zeroshot, scratch, finetune")
+    ap.add_argument("--pretrain-steps", type=int, default=800,
+                    help="recipe: steps of synth pre-training (masks)")
+    ap.add_argument("--scale", type=float, default=0.5,
+                    help="recipe: input scale of the real frames (0.5 = half their pixels)")
+    ap.add_argument("--seed", type=int, default=0, help="recipe: seed of every run")
+    ap.add_argument("--summarize", default=None, metavar="JSONL",
+                    help="recipe: pool the out-of-fold rows of these --out file(s) "
+                         "(comma-separated) and print the table; trains nothing")
+    ap.add_argument("--segmenters", default="bench-output/segmenters_cv",
+                    help="recipe summary: work folder of benchmarks/segmenters_cv.py")
     ap.add_argument("--curve-every", type=int, default=0,
                     help="score on the test set every this many steps (learning curve rows)")
     args = ap.parse_args()
@@ -222,6 +388,11 @@ def main() -> None:
         ap.error(f"--losses: unknown {sorted(bad)} (huber, mse, huber_nopres, mse_pres)")
     global OUT
     OUT = pathlib.Path(args.out) if args.out else None
+    if args.summarize:
+        rows = [json.loads(line) for f in args.summarize.split(",")
+                for line in pathlib.Path(f).read_text().splitlines() if line.strip()]
+        summarize(rows, args.root, args.segmenters)
+        return
 
     import torch
 
@@ -251,28 +422,7 @@ def main() -> None:
                     results.append(row)
                     emit(row)
     elif args.study == "recipe":
-        # image-level labels on real frames: synth pre-training (masks, at the real frames'
-        # scale) then fine-tuning on per-image length/area only; vs the same from scratch.
-        synth_train, _ = synth_sets(work, args.n_train, args.n_test)
-        train, test = peanut_sets(args.root, 150.0)
-        mm = 25.4 / 150.0 / 0.5
-        pre = str(work / f"pretrain-synth-{mm:.3f}-{args.steps}.pt")
-        if not pathlib.Path(pre).exists():
-            r = one_run(synth_train, train[:8], head="dense", masks=True, mm_per_px=mm,
-                        tile_px=64, steps=args.steps, batch=args.batch, lr=args.lr, tmp=tmp,
-                        tag="pretrain", keep=pre)
-            emit({"pretrain": pre, **r})
-        for name, init in (("peanut zero-shot", None), ("finetune", pre), ("scratch", None)):
-            if name == "peanut zero-shot":
-                r = {k: round(v, 4) for k, v in score(pre, test).items()}
-            else:
-                r = one_run(train, test, head="dense", masks=False, mm_per_px=mm, tile_px=64,
-                            steps=args.steps, batch=max(1, args.batch // 2), lr=args.lr,
-                            tmp=tmp, tag=f"recipe-{name}", init_from=init)
-            row = {"run": name, "n_train": train.num_rows, "n_test": test.num_rows,
-                   "labels": "image", "steps": args.steps, **r}
-            results.append(row)
-            emit(row)
+        results += recipe(args, work, tmp)
     else:
         train, test = synth_sets(work, args.n_train, args.n_test)
         seeds = ([int(x) for x in args.seed_list.split(",")] if args.seed_list

@@ -29,7 +29,8 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 
-def make_archive(out: pathlib.Path, *, n: int, seed: int, look: str, workers: int) -> pathlib.Path:
+def make_archive(out: pathlib.Path, *, n: int, seed: int, look: str, workers: int,
+                 height: int = 224, width: int = 256, dpi: float = 150.0) -> pathlib.Path:
     """A synth archive of ``n`` images (cached: reused when its ground truth exists)."""
     from rootflow.synth import SynthConfig, generate_archive
 
@@ -37,7 +38,7 @@ def make_archive(out: pathlib.Path, *, n: int, seed: int, look: str, workers: in
     if gt.exists():
         return gt
     n_windows, n_sessions = 5, 2
-    cfg = SynthConfig(seed=seed, height=224, width=256, dpi=150.0, look=look,
+    cfg = SynthConfig(seed=seed, height=height, width=width, dpi=dpi, look=look,
                       n_tubes=math.ceil(n / (n_windows * n_sessions)), n_windows=n_windows,
                       n_sessions=n_sessions, n_images=n)
     t0 = time.perf_counter()
@@ -62,10 +63,11 @@ def evaluate(model_uri: str, gt_uri: pathlib.Path, *, presence_threshold: float 
     return score_table(model_uri, lab, presence_threshold=presence_threshold)
 
 
-def score_table(model_uri: str, lab, *, presence_threshold: float | None = 0.5  # type: ignore[no-untyped-def]
-                ) -> dict[str, float]:
+def score_table(model_uri: str, lab, *, presence_threshold: float | None = 0.5,  # type: ignore[no-untyped-def]
+                preds: list | None = None) -> dict[str, float]:  # type: ignore[type-arg]
     """Length/area R2 etc. of a checkpoint on a label table (image_uri, dpi, length_mm,
-    area_mm2), through the inference predictor, 16 images at a time."""
+    area_mm2), through the inference predictor, 16 images at a time. ``preds`` (a list), when
+    given, receives one ``[image_uri, length_mm, area_mm2]`` per row (out-of-fold pooling)."""
     from rootflow.evaluation import metrics as rm
     from rootflow.inference.rootquant import RootQuantPredictor
     from rootflow.io import images, storage
@@ -78,6 +80,9 @@ def score_table(model_uri: str, lab, *, presence_threshold: float | None = 0.5  
         chunk = rows[s:s + 16]
         imgs = [images.decode(storage.read_bytes(r["image_uri"]))[0] for r in chunk]
         out += pred.predict_many(imgs, dpis=[r["dpi"] for r in chunk])
+    if preds is not None:
+        preds += [[r["image_uri"], float(p.length_mm), float(p.area_mm2)]
+                  for r, p in zip(rows, out, strict=True)]
     return rm.regression_report(
         pred_length_mm=[p.length_mm for p in out], true_length_mm=lab["length_mm"].to_numpy(),
         pred_area_mm2=[p.area_mm2 for p in out], true_area_mm2=lab["area_mm2"].to_numpy(),
