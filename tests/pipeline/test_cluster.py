@@ -35,17 +35,47 @@ ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
+#: every port handed out in this session: a probed port is free again once its socket closes,
+#: so two probes can return the same number; Ray refuses a node whose components share a port
+#: ("Ray component dashboard_agent_grpc is trying to use a port number ... used by other
+#: components"), which failed the whole module once in a loaded run.
+_USED_PORTS: set[int] = set()
+
+
+def _ports(n: int) -> list[int]:
+    """``n`` free loopback ports, distinct from each other and from every earlier one."""
+    socks: list[socket.socket] = []
+    out: list[int] = []
+    try:
+        while len(out) < n:
+            s = socket.socket()
+            socks.append(s)  # held open until all n are chosen: the OS cannot repeat one
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+            if port not in _USED_PORTS:
+                _USED_PORTS.add(port)
+                out.append(port)
+    finally:
+        for s in socks:
+            s.close()
+    return out
+
+
 def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return _ports(1)[0]
 
 
 def _node_ports() -> list[str]:
     """Per-node agent ports: several raylets on one machine must not share them."""
-    return [f"--dashboard-agent-listen-port={_port()}", f"--dashboard-agent-grpc-port={_port()}",
-            f"--metrics-export-port={_port()}", f"--runtime-env-agent-port={_port()}",
-            f"--node-manager-port={_port()}", f"--object-manager-port={_port()}"]
+    names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port", "node-manager-port", "object-manager-port")
+    return [f"--{name}={port}" for name, port in zip(names, _ports(len(names)), strict=True)]
+
+
+def test_ports_are_never_handed_out_twice() -> None:
+    """Guards the flake above: many probes in a row, every port distinct."""
+    got = _ports(40) + [_port() for _ in range(40)]
+    assert len(set(got)) == len(got)
 
 
 @dataclasses.dataclass
