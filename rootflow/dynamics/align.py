@@ -262,7 +262,7 @@ def _u8(a: np.ndarray) -> np.ndarray:
     import cv2
 
     g = _gray(a)
-    g = cv2.normalize(g, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)  # type: ignore[call-overload]
+    g = cv2.normalize(g, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)  # type: ignore[call-overload, unused-ignore]
     return cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(g)
 
 

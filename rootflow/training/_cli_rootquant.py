@@ -45,7 +45,7 @@ def register(train: typer.Typer) -> None:
         default_dpi: float | None = typer.Option(None, help="dpi for labels that have none."),
         init_from: str | None = typer.Option(None, help="RootQuant checkpoint to fine-tune from."),
         backbone: str | None = typer.Option(None, help="timm backbone for a fresh model."),
-        head: str | None = typer.Option(None, help="dense (hurdle density map over cells) | pooled (the seed's model: global pooling, two outputs, Huber)."),
+        head: str | None = typer.Option(None, help="dense (hurdle density map over cells) | pooled (the seed's model: global pooling, two outputs; its Huber loss with --set loss.huber_delta=1)."),
         epochs: int | None = typer.Option(None),
         head_only_epochs: int | None = typer.Option(None, help="Epochs with the backbone frozen first."),
         workers: int | None = typer.Option(None, help="Ray Train workers."),

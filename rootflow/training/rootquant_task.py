@@ -150,9 +150,14 @@ class RootQuantLossConfig:
         image_weight / tile_weight: weights of the image-level and the dense (per-cell, where
             masks give cell labels) loss.
         cell_presence_min_length_mm: a cell counts as "root present" above this length.
+        huber_delta: ``None`` (default) = squared error on the log1p image totals and on the
+            cell amounts; a number = Huber with that transition (the seed's loss: ``1.0``).
+            Squared error is the default on measurement: with 30 % of the totals corrupted,
+            Huber + presence stayed at "no root" in 3 of 3 seeds, squared error + presence
+            learnt in 3 of 3 (:func:`rootflow.models.rootquant.regression_loss`).
     """
 
-    huber_delta: float = 1.0
+    huber_delta: float | None = None
     area_weight: float = 1.0
     presence_weight: float = 1.0
     presence_min_length_mm: float = 0.0
