@@ -171,7 +171,7 @@ def corrupt(table, share: float, seed: int):  # type: ignore[no-untyped-def]
 
 def one_run(train, test, *, head: str, masks: bool, mm_per_px: float, tile_px: int,  # type: ignore[no-untyped-def]
             steps: int, batch: int, lr: float, tmp: pathlib.Path, tag: str,
-            huber_delta: float = 1.0, presence_weight: float = 1.0, seed: int = 0,
+            huber_delta: float | None = 1.0, presence_weight: float = 1.0, seed: int = 0,
             init_from: str | None = None, keep: str | None = None,
             curve_every: int = 0, backbone_lr: float | None = None,
             preds: list | None = None) -> dict[str, float]:  # type: ignore[type-arg]
@@ -254,8 +254,11 @@ def recipe(args, work: pathlib.Path, tmp: pathlib.Path) -> list[dict]:  # type: 
     folds = recipe_folds(table, args.folds)
     mm = 25.4 / PEANUT_DPI / args.scale
     rows = []
+    # Huber (delta 1) + presence was the default when the recipe first ran; squared error +
+    # presence (``loss.huber_delta: null``) is the default since the noise study
+    delta = {"huber": 1.0, "mse_pres": None}[args.recipe_loss]
     pre = str(work / f"pretrain-sand-{PEANUT_HW[0]}x{PEANUT_HW[1]}-{mm:.3f}-{args.n_train}-"
-                     f"{args.pretrain_steps}.pt")
+                     f"{args.pretrain_steps}{'' if args.recipe_loss == 'huber' else '-mse'}.pt")
     runs = args.runs.split(",")
     if any(r in runs for r in ("finetune", "zeroshot")) and not pathlib.Path(pre).exists():
         synth = make_archive(work / f"train-sand-1-{args.n_train}-{PEANUT_HW[1]}",
@@ -268,15 +271,16 @@ def recipe(args, work: pathlib.Path, tmp: pathlib.Path) -> list[dict]:  # type: 
             mask="mask_uri"))
         r = one_run(synth_lab, table, head="dense", masks=True, mm_per_px=mm, tile_px=64,
                     steps=args.pretrain_steps, batch=args.batch, lr=args.lr, tmp=tmp,
-                    tag="pretrain", keep=pre)
+                    tag="pretrain", keep=pre, huber_delta=delta)
         emit({"pretrain": pre, "look": "sand", "n_train": synth_lab.num_rows,
+              "loss": args.recipe_loss,
               "steps": args.pretrain_steps, "note": "scored on all peanut frames", **r})
     fold_list = ([int(x) for x in args.fold_list.split(",")] if args.fold_list
                  else list(range(args.folds)))
     if "zeroshot" in runs:
         preds: list = []  # type: ignore[type-arg]
         score(pre, table, preds=preds)
-        row = {"recipe": "zeroshot", "fold": -1, "preds": preds}
+        row = {"recipe": "zeroshot", "loss": args.recipe_loss, "fold": -1, "preds": preds}
         rows.append(row)
         emit(row)
     for fold in fold_list:
@@ -289,11 +293,12 @@ def recipe(args, work: pathlib.Path, tmp: pathlib.Path) -> list[dict]:  # type: 
             preds = []
             r = one_run(train, test, head="dense", masks=False, mm_per_px=mm, tile_px=64,
                         steps=args.steps, batch=args.batch, lr=args.lr, tmp=tmp,
-                        tag=f"recipe-{name}-{fold}", seed=args.seed,
+                        tag=f"recipe-{name}-{fold}", seed=args.seed, huber_delta=delta,
                         init_from=pre if name == "finetune" else None,
                         backbone_lr=args.lr / 10 if name == "finetune" else None,
                         preds=preds)
-            row = {"recipe": name, "fold": fold, "n_train": train.num_rows,
+            row = {"recipe": name, "loss": args.recipe_loss, "fold": fold,
+                   "n_train": train.num_rows,
                    "n_test": test.num_rows, "steps": args.steps, "labels": "image",
                    **r, "preds": preds}
             rows.append(row)
@@ -315,9 +320,9 @@ def summarize(rows: list[dict], root: str, segmenters: str | None) -> list[dict]
     folds: dict[str, set[int]] = {}
     for r in rows:
         if "recipe" in r:
-            pooled.setdefault(r["recipe"], {}).update(
-                {u: (a, b) for u, a, b in r["preds"]})
-            folds.setdefault(r["recipe"], set()).add(r["fold"])
+            key = f"{r['recipe']} ({r.get('loss', 'huber')})"  # rows before --recipe-loss: huber
+            pooled.setdefault(key, {}).update({u: (a, b) for u, a, b in r["preds"]})
+            folds.setdefault(key, set()).add(r["fold"])
     out = []
     for name, got in pooled.items():
         uris = [u for u in truth if u in got]
@@ -375,6 +380,9 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=0.5,
                     help="recipe: input scale of the real frames (0.5 = half their pixels)")
     ap.add_argument("--seed", type=int, default=0, help="recipe: seed of every run")
+    ap.add_argument("--recipe-loss", choices=("huber", "mse_pres"), default="mse_pres",
+                    help="recipe: Huber + presence (the first runs) or squared error + presence "
+                         "(the default loss now)")
     ap.add_argument("--summarize", default=None, metavar="JSONL",
                     help="recipe: pool the out-of-fold rows of these --out file(s) "
                          "(comma-separated) and print the table; trains nothing")

@@ -27,13 +27,14 @@ quantity, so it does not drift with image size: :func:`presence_from_density`).
 **Geometry.** Tiles are cut with real image context around them, measured per backbone
 (:func:`feature_geometry`), so the stride-``cell_px`` feature read for cell ``j`` is centred in
 cell ``j`` (no resampling of valid-padded maps). ``head="pooled"`` is the seed's model instead:
-global pooling, two outputs per tile, Huber.
+global pooling, two outputs per tile (its Huber loss: ``huber_delta=1``).
 
-**Loss.** Per image: Huber on ``log1p(y / scale)`` of the summed prediction (per-image lengths
-span orders of magnitude; a 10 % error costs alike on small and large images; robust to the odd
-bad tracing) + BCE on the image presence. Where a mask shows *where* the root is, every cell is
-supervised too (:func:`cell_loss`): Huber on the cell amounts in units, on the tile sums, and BCE
-on cell presence. Measured on the synthetic archive, this dense signal is what makes a small
+**Loss.** Per image: squared error on ``log1p(y / scale)`` of the summed prediction (per-image
+lengths span orders of magnitude; a 10 % error costs alike on small and large images) + BCE on
+the image presence. Where a mask shows *where* the root is, every cell is supervised too
+(:func:`cell_loss`): squared error on the cell amounts in units, on the tile sums, and BCE on
+cell presence. The seed's Huber (``huber_delta=1``) is one argument away; squared error is the
+default on measurement (:func:`regression_loss`). Measured on the synthetic archive, this dense signal is what makes a small
 network learn in minutes on CPU (docs/rootquant.md).
 
 The network takes ``uint8`` tiles and normalises them itself, so a checkpoint carries
