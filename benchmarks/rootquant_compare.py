@@ -134,20 +134,10 @@ def synth_sets(work: pathlib.Path, n_train: int, n_test: int):  # type: ignore[n
 
 
 def peanut_sets(root: str, dpi: float):  # type: ignore[no-untyped-def]
-    import pyarrow as pa
-
-    from rootflow.training import labels as L
+    """The heads table's one grouped split of :func:`peanut_table` (30 % of the windows held out)."""
     from rootflow.training import splits
 
-    folder = pathlib.Path(root) / "prmi_peanut"
-    rows = []
-    for m in sorted(p for p in folder.iterdir() if p.name.endswith("_mask.png")):
-        stem = m.name[: -len("_mask.png")]
-        img = next(p for p in folder.iterdir() if p.stem == stem and p != m)
-        rows.append({"image_uri": str(img), "mask_uri": str(m), "dpi": dpi})
-    lab = L.from_masks(pa.Table.from_pylist(rows))
-    tr, te = splits.grouped_split(lab, val_fraction=0.3, seed=0)
-    return tr, te
+    return splits.grouped_split(peanut_table(root, dpi), val_fraction=0.3, seed=0)
 
 
 def corrupt(table, share: float, seed: int):  # type: ignore[no-untyped-def]
@@ -209,18 +199,15 @@ def one_run(train, test, *, head: str, masks: bool, mm_per_px: float, tile_px: i
 
 
 def peanut_table(root: str, dpi: float):  # type: ignore[no-untyped-def]
-    """Every PRMI peanut frame with length/area labels computed from its human mask."""
+    """Every PRMI peanut frame with length/area labels computed from its human mask (pairs
+    found by the training code's own :func:`rootflow.training.data.pairs_manifest`)."""
     import pyarrow as pa
 
     from rootflow.training import labels as L
+    from rootflow.training.data import pairs_manifest
 
-    folder = pathlib.Path(root) / "prmi_peanut"
-    rows = []
-    for m in sorted(p for p in folder.iterdir() if p.name.endswith("_mask.png")):
-        stem = m.name[: -len("_mask.png")]
-        img = next(p for p in folder.iterdir() if p.stem == stem and p != m)
-        rows.append({"image_uri": str(img), "mask_uri": str(m), "dpi": dpi})
-    return L.from_masks(pa.Table.from_pylist(rows))
+    pairs = pairs_manifest(str(pathlib.Path(root) / "prmi_peanut"))
+    return L.from_masks(pairs.append_column("dpi", pa.array([dpi] * pairs.num_rows)))
 
 
 def recipe_folds(table, k: int, seed: int = 0):  # type: ignore[no-untyped-def]
@@ -344,7 +331,7 @@ def summarize(rows: list[dict], root: str, segmenters: str | None) -> list[dict]
                 s = json.loads(f.read_text())
                 keep = ("length_r2", "length_pearson_r2", "length_bias_pct", "area_r2")
                 out.append({"summary": f"segment-then-measure ({model})", "source": str(f),
-                            **{k: s.get(k, s.get("metrics", {}).get(k)) for k in keep}})
+                            **{k: s.get(k) for k in keep}})
     for o in out:
         print(json.dumps(o), flush=True)
     return out
