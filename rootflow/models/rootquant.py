@@ -33,9 +33,9 @@ global pooling, two outputs per tile (its Huber loss: ``huber_delta=1``).
 lengths span orders of magnitude; a 10 % error costs alike on small and large images) + BCE on
 the image presence. Where a mask shows *where* the root is, every cell is supervised too
 (:func:`cell_loss`): squared error on the cell amounts in units, on the tile sums, and BCE on
-cell presence. The seed's Huber (``huber_delta=1``) is one argument away; squared error is the
-default on measurement (:func:`regression_loss`). Measured on the synthetic archive, this dense signal is what makes a small
-network learn in minutes on CPU (docs/rootquant.md).
+cell presence. Measured on the synthetic archive, this dense signal is what makes a small
+network learn in minutes on CPU (docs/rootquant.md). The seed's Huber (``huber_delta=1``) is one
+argument away; squared error is the default on measurement (:func:`regression_loss`).
 
 The network takes ``uint8`` tiles and normalises them itself, so a checkpoint carries
 everything that defines its input (scale, tile size, mean/std) in its ``config``.

@@ -152,9 +152,8 @@ class RootQuantLossConfig:
         cell_presence_min_length_mm: a cell counts as "root present" above this length.
         huber_delta: ``None`` (default) = squared error on the log1p image totals and on the
             cell amounts; a number = Huber with that transition (the seed's loss: ``1.0``).
-            Squared error is the default on measurement: with 30 % of the totals corrupted,
-            Huber + presence stayed at "no root" in 3 of 3 seeds, squared error + presence
-            learnt in 3 of 3 (:func:`rootflow.models.rootquant.regression_loss`).
+            Why squared error is the default, with the numbers:
+            :func:`rootflow.models.rootquant.regression_loss`.
     """
 
     huber_delta: float | None = None
